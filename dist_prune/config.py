@@ -1,0 +1,247 @@
+"""The run's configuration: typed dataclasses, loaded from YAML, overridden from the CLI, validated once.
+
+Precedence is CLI > YAML file > defaults. Every leaf field has a unique name so that it maps 1:1 onto a
+`--flag` of the same name; unknown keys in a file are an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    method: str = "gblm"
+    """Scoring method: magnitude, wanda, sparsegpt or gblm."""
+    sparsity: float = 0.5
+    """Unstructured fraction of weights removed from every decoder Linear; ignored when `pattern` is set."""
+    pattern: str | None = None
+    """N:M semi-structured pattern, e.g. "2:4" (keep 2 of every 4 consecutive inputs of each row)."""
+    magnitude_scope: str = "matrix"
+    """Magnitude comparison group: one threshold per "matrix" (as in the papers) or per "row"."""
+    gblm_scale: float = 100.0
+    """GBLM: gradients are multiplied by this before squaring (the paper's 100)."""
+    gblm_norm: str = "l2"
+    """GBLM: "l2" -> sqrt(sum (s g)^2), "l1" -> sum |s g| over calibration sequences."""
+    gradients: str | None = None
+    """GBLM: a gradients.safetensors from `dist-prune grad` to reuse instead of a new gradient pass."""
+    sparsegpt_damp: float = 0.01
+    """SparseGPT: diagonal damping as a fraction of mean(diag(H))."""
+    sparsegpt_blocksize: int = 128
+    """SparseGPT: columns per lazy-update block."""
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    calib_source: str = "wikipedia"
+    """"wikipedia" (bundled calibration split), a .txt/.jsonl path, or "hf:NAME[:CONFIG]" for a dataset."""
+    calib_tokens: str | None = None
+    """A safetensors file holding an integer tensor [N, T] of token windows; overrides calib_source."""
+    nsamples: int = 128
+    """Number of calibration sequences."""
+    seqlen: int = 2048
+    """Tokens per calibration sequence."""
+    seed: int = 0
+    """Seed for choosing the calibration windows."""
+    batch_size: int = 8
+    """Sequences per forward call in the layer loop (speed only: statistics are exact sums)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_after: bool = True
+    """Measure dense and pruned perplexity on the evaluation split after pruning."""
+    eval_text: str = "wikipedia"
+    """"wikipedia" (bundled evaluation split) or a path to a text file."""
+    eval_seqlen: int = 512
+    """Window length for perplexity (non-overlapping windows)."""
+    eval_windows: int | None = None
+    """Cap on the number of evaluation windows (None: all of them)."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
+    overwrite: bool = False
+    """Replace an existing output directory (only once the new one is complete)."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    model: str = "smollm2-135m"
+    """"smollm2-135m" (the cached asset) or a path to a Hugging Face LLaMA checkpoint."""
+    out: str = "out/pruned"
+    """Output directory; it appears only when complete."""
+    prune: MethodConfig = field(default_factory=MethodConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.prune.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """"2:4" -> (2, 4): keep N of every M consecutive inputs."""
+    if pattern is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match:
+        raise ConfigError(f"pattern must look like N:M (e.g. 2:4), got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(f"impossible N:M pattern {pattern!r}: need 0 < N < M")
+    return n, m
+
+
+def _hint(cls: type, name: str) -> Any:
+    return get_type_hints(cls)[name]
+
+
+def leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Every leaf field by its (unique) name -> (section or None, field)."""
+    leaves: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for f in fields(PruneConfig):
+        hint = _hint(PruneConfig, f.name)
+        if dataclasses.is_dataclass(hint):
+            leaves.update({sub.name: (f.name, sub) for sub in fields(hint)})
+        else:
+            leaves[f.name] = (None, f)
+    return leaves
+
+
+def leaf_type(section: str | None, name: str) -> Any:
+    owner = _hint(PruneConfig, section) if section else PruneConfig
+    return _hint(owner, name)
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> PruneConfig:
+    """Merge a YAML mapping (nested by section, or flat leaf names) with CLI overrides, then validate."""
+    leaves = leaf_fields()
+    flat: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        if isinstance(value, dict) and key in {s for s, _ in leaves.values() if s}:
+            for sub_key, sub_value in value.items():
+                if sub_key not in leaves or leaves[sub_key][0] != key:
+                    raise ConfigError(f"unknown config key {key}.{sub_key}")
+                flat[sub_key] = sub_value
+        elif key in leaves:
+            flat[key] = value
+        else:
+            raise ConfigError(f"unknown config key {key!r}")
+    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _ = leaves[key]
+        (sections.setdefault(section, {}) if section else top)[key] = value
+    built = {name: _hint(PruneConfig, name)(**values) for name, values in sections.items()}
+    config = PruneConfig(**top, **built)
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PruneConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+    return build_config(values, overrides)
+
+
+def validate(config: PruneConfig) -> None:
+    p, c, e = config.prune, config.calibration, config.evaluation
+    _check_types(config)
+    if p.method not in METHODS:
+        raise ConfigError(f"unknown method {p.method!r}; choose one of {', '.join(METHODS)}")
+    if p.pattern is None and not 0.0 < p.sparsity < 1.0:
+        raise ConfigError(f"sparsity must be strictly between 0 and 1, got {p.sparsity}")
+    parse_pattern(p.pattern)
+    if p.magnitude_scope not in ("matrix", "row"):
+        raise ConfigError(f"magnitude_scope must be 'matrix' or 'row', got {p.magnitude_scope!r}")
+    if p.gblm_norm not in ("l1", "l2"):
+        raise ConfigError(f"gblm_norm must be 'l1' or 'l2', got {p.gblm_norm!r}")
+    _positive("gblm_scale", p.gblm_scale)
+    _positive("sparsegpt_damp", p.sparsegpt_damp)
+    for name in ("sparsegpt_blocksize",):
+        _positive(name, getattr(p, name))
+    for name in ("nsamples", "seqlen", "batch_size"):
+        _positive(name, getattr(c, name))
+    if c.seqlen < 2:
+        raise ConfigError("seqlen must be at least 2 tokens")
+    _positive("eval_seqlen", e.eval_seqlen)
+    if e.eval_windows is not None:
+        _positive("eval_windows", e.eval_windows)
+    if config.runtime.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {config.runtime.device!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def _check_types(config: PruneConfig) -> None:
+    """YAML and the CLI both deliver loosely typed values: check each leaf against its annotation."""
+    for name, (section, _) in leaf_fields().items():
+        owner = getattr(config, section) if section else config
+        value = getattr(owner, name)
+        hint = leaf_type(section, name)
+        allowed = getattr(hint, "__args__", (hint,))
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed:
+            raise ConfigError(f"{name} must be {_type_name(hint)}, got {value!r}")
+        if float in allowed and isinstance(value, int):
+            continue
+        if not isinstance(value, tuple(t for t in allowed if isinstance(t, type))):
+            raise ConfigError(f"{name} must be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return " or ".join(getattr(t, "__name__", str(t)) for t in getattr(hint, "__args__", (hint,)))
+
+
+def field_doc(section: str | None, name: str) -> str:
+    """The docstring written under a field, for --help."""
+    owner = _hint(PruneConfig, section) if section else PruneConfig
+    return _field_docs(owner).get(name, "")
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    return {
+        node.target.id: following.value.value
+        for node, following in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and isinstance(following, ast.Expr)
+        and isinstance(following.value, ast.Constant)
+    }

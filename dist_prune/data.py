@@ -1,0 +1,106 @@
+"""Text sources and token windows for calibration and evaluation."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from . import assets
+from .errors import CalibrationError
+
+
+def load_text(source: str, split: str) -> str:
+    """"wikipedia" (the bundled split), a .txt/.jsonl file, or "hf:NAME[:CONFIG]" (a reachable dataset)."""
+    if source == "wikipedia":
+        return assets.wikipedia_text(split)
+    if source.startswith("hf:"):
+        return _hf_dataset_text(source[3:], split)
+    path = Path(source)
+    if not path.is_file():
+        raise CalibrationError(f"text source {source!r} is neither 'wikipedia', 'hf:NAME' nor an existing file")
+    if path.suffix == ".jsonl":
+        return "\n\n".join(_jsonl_texts(path))
+    return path.read_text(encoding="utf-8")
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise CalibrationError(f"{path}:{number} is not valid JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CalibrationError(f"{path}:{number} has no string field 'text'")
+            texts.append(record["text"])
+    return texts
+
+
+def _hf_dataset_text(spec: str, split: str) -> str:
+    try:
+        import datasets  # optional: only for hub datasets, which need a network
+    except ImportError:
+        raise CalibrationError("hf: sources need the `datasets` package (pip install datasets)") from None
+    name, _, config = spec.partition(":")
+    hf_split = "train" if split == "calibration" else "validation"
+    try:
+        data = datasets.load_dataset(name, config or None, split=hf_split)
+    except Exception as err:  # the hub raises many types; any of them means the source is unusable
+        raise CalibrationError(f"could not load dataset {name!r}: {err}") from None
+    return "\n\n".join(data["text"])
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """The whole text as one 1-D token stream."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
+    return ids[0]
+
+
+def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
+    """nsamples windows of seqlen tokens at seeded random offsets: (nsamples, seqlen), int64."""
+    if tokens.numel() < nsamples * seqlen:
+        raise CalibrationError(
+            f"calibration text has {tokens.numel()} tokens, fewer than nsamples x seqlen = "
+            f"{nsamples} x {seqlen} = {nsamples * seqlen}; use more text or fewer/shorter windows"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def load_token_windows(path: str, nsamples: int, seqlen: int) -> Tensor:
+    """Pre-tokenized windows from a safetensors file holding one integer tensor (N, T)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            if len(keys) != 1:
+                raise CalibrationError(f"{path} must hold exactly one tensor, found {len(keys)}")
+            windows = f.get_tensor(keys[0])
+    except (OSError, FileNotFoundError) as err:
+        raise CalibrationError(f"cannot read calibration tokens {path}: {err}") from None
+    except Exception as err:  # safetensors raises its own error type for corrupt headers
+        if isinstance(err, CalibrationError):
+            raise
+        raise CalibrationError(f"{path} is not a valid safetensors file: {err}") from None
+    if windows.dim() != 2 or windows.dtype.is_floating_point or windows.dtype == torch.bool:
+        raise CalibrationError(f"{path} must hold an integer tensor [N, T], got {windows.dtype} {list(windows.shape)}")
+    if windows.shape[0] < nsamples or windows.shape[1] < seqlen:
+        raise CalibrationError(
+            f"{path} holds {windows.shape[0]} x {windows.shape[1]} tokens; the run asks for {nsamples} x {seqlen}"
+        )
+    return windows[:nsamples, :seqlen].long()
+
+
+def evaluation_windows(tokens: Tensor, seqlen: int, max_windows: int | None) -> Tensor:
+    """Non-overlapping windows from the start of the stream: (windows, seqlen)."""
+    count = tokens.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise CalibrationError(f"evaluation text has {tokens.numel()} tokens, less than one window of {seqlen}")
+    return tokens[: count * seqlen].view(count, seqlen)

@@ -1,0 +1,92 @@
+"""GBLM's gradient pass: per-sequence gradients of the dense model, scaled, squared (or abs) and summed.
+
+Each backward sees exactly one sequence, so the accumulator holds sum_n (s g_n)^2 and not (sum_n s g_n)^2;
+a batch with a mean loss, or an all-reduce of gradients, would compute the latter.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .layerwise import decoder_layers, layer_linears
+from .methods.scores import accumulate_sample_gradient
+
+GRADIENT_KIND = "dist_prune/gblm-gradient-sums"
+
+
+def decoder_linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Full parameter names of every decoder-layer Linear weight (lm_head excluded, as in the paper)."""
+    return {
+        f"model.layers.{i}.{name}.weight": linear.weight
+        for i, layer in enumerate(decoder_layers(model))
+        for name, linear in layer_linears(layer)
+    }
+
+
+def gradient_pass(model: nn.Module, windows: Tensor, scale: float, norm: str, progress=None) -> dict[str, Tensor]:
+    """sum_n (scale * g_n)^2 (l2) or sum_n |scale * g_n| (l1) per weight, fp32; windows: (N, T)."""
+    targets = decoder_linear_weights(model)
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in targets.items()}
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = []
+    for name, param in targets.items():
+        param.requires_grad_(True)
+        handles.append(param.register_post_accumulate_grad_hook(_accumulator(sums[name], scale, norm)))
+    try:
+        for sequence in windows:
+            tokens = sequence[None, :].to(model.device)  # batch of one: per-sample gradients
+            model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+            if progress is not None:
+                progress()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return sums
+
+
+def _accumulator(acc: Tensor, scale: float, norm: str):
+    def hook(param: Tensor) -> None:
+        accumulate_sample_gradient(acc, param.grad, scale, norm)
+        param.grad = None  # the next sequence must start from zero, and memory is freed at once
+
+    return hook
+
+
+def save_gradient_sums(path: Path, sums: dict[str, Tensor], scale: float, norm: str, nsamples: int, seqlen: int) -> None:
+    meta = {"kind": GRADIENT_KIND, "scale": repr(scale), "norm": norm, "nsamples": str(nsamples), "seqlen": str(seqlen)}
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous().cpu() for k, v in sums.items()}, partial, metadata=meta)
+    partial.rename(path)
+
+
+def load_gradient_sums(path: Path, scale: float, norm: str) -> dict[str, Tensor]:
+    """A saved gradient file, refused when it was made with another scale or norm than this run's."""
+    if not path.is_file():
+        raise ConfigError(f"gradients file {path} does not exist")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("kind") != GRADIENT_KIND:
+            raise ConfigError(f"{path} is not a gradients file written by `dist-prune grad`")
+        if meta.get("norm") != norm or float(meta.get("scale", "nan")) != scale:
+            raise ConfigError(
+                f"{path} holds {meta.get('norm')} sums at scale {meta.get('scale')}; this run asks for {norm} at scale {scale}"
+            )
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def check_gradient_sums(sums: dict[str, Tensor], model: nn.Module) -> None:
+    """Saved sums must cover exactly this model's decoder Linears, with the same shapes."""
+    expected = {name: tuple(p.shape) for name, p in decoder_linear_weights(model).items()}
+    found = {name: tuple(t.shape) for name, t in sums.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))[:3]
+        raise ConfigError(f"saved gradients do not match this model (missing or misshapen: {missing or 'shapes'})")

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random LLaMA checkpoints built in-process, with the real SmolLM2 tokenizer."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def smollm2_path() -> Path:
+    from dist_prune.assets import smollm2_dir
+
+    return smollm2_dir()
+
+
+def write_tiny_llama(path: Path, *, layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
+    """A random LLaMA with grouped-query attention, saved as an ordinary HF checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+    settings.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).to(dtype)
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (smollm2_path() / name).is_file():
+            shutil.copy2(smollm2_path() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    from dist_prune.assets import wikipedia_text
+
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(wikipedia_text("calibration")[:200_000])
+    return path
