@@ -62,9 +62,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
     get_logger().info("converting %s to safetensors (once)", gguf_path.name)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # The weights are dequantised floats now: rebuild a plain model without the GGUF quantizer so that
     # loaders never expect GGUF blocks again.

@@ -53,7 +53,7 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
             f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])}); "
             f"dist_prune prunes LLaMA-family checkpoints (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    files = _weight_files(path)
+    files = listed_weight_files(path)
     for file in files:
         check_safetensors_file(file)
     return CheckpointInfo(path=path, config=config, weight_files=files)
@@ -68,7 +68,7 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from None
 
 
-def _weight_files(path: Path) -> tuple[Path, ...]:
+def listed_weight_files(path: Path) -> tuple[Path, ...]:
     if (path / INDEX_FILE).is_file():
         index = _read_json(path / INDEX_FILE, "weight index")
         names = sorted(set(index.get("weight_map", {}).values()))
@@ -108,7 +108,9 @@ def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None
         return
     for what, width in info.linear_input_sizes().items():
         if width % nm[1]:
-            raise CheckpointError(f"N:M {nm[0]}:{nm[1]} is impossible here: {what} has {width} inputs, not a multiple of {nm[1]}")
+            raise CheckpointError(
+                f"N:M {nm[0]}:{nm[1]} is impossible here: {what} has {width} inputs, not a multiple of {nm[1]}"
+            )
 
 
 def load_model(info: CheckpointInfo, device: torch.device) -> nn.Module:

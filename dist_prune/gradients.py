@@ -61,7 +61,9 @@ def _accumulator(acc: Tensor, scale: float, norm: str):
     return hook
 
 
-def save_gradient_sums(path: Path, sums: dict[str, Tensor], scale: float, norm: str, nsamples: int, seqlen: int) -> None:
+def save_gradient_sums(
+    path: Path, sums: dict[str, Tensor], scale: float, norm: str, nsamples: int, seqlen: int
+) -> None:
     meta = {"kind": GRADIENT_KIND, "scale": repr(scale), "norm": norm, "nsamples": str(nsamples), "seqlen": str(seqlen)}
     partial = path.with_name(path.name + ".partial")
     save_file({k: v.contiguous().cpu() for k, v in sums.items()}, partial, metadata=meta)

@@ -5,8 +5,9 @@ then runs them again to produce the inputs of the next layer from the pruned wei
 """
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +80,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     """The layer's outputs for every batch: the next layer's inputs."""
     start = time.perf_counter()
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
         out = layer(hidden, **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return LayerInputs(outputs, inputs.kwargs, inputs.forward_seconds + time.perf_counter() - start)
@@ -98,7 +99,7 @@ def collect_input_statistics(
         handles.append(linear.register_forward_hook(_stats_hook(stats[name])))
     start = time.perf_counter()
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
             layer(hidden, **kwargs)
     finally:
         for handle in handles:

@@ -3,9 +3,9 @@
 import platform
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import transformers
@@ -30,19 +30,25 @@ from .layerwise import (
     run_layer,
 )
 from .log import get_logger
-from .methods import NEEDS_ACTIVATIONS, NEEDS_HESSIAN, prune_weight
+from .methods import NEEDS_ACTIVATIONS, NEEDS_HESSIAN, PruneOutcome, prune_weight
 from .methods.scores import gradient_term
+from .report import write_report_markdown
 from .writer import CheckpointWriter
 
 log = get_logger()
 
 
 class Timings(dict):
+    """Seconds per phase; a phase entered twice accumulates."""
+
+    def add(self, name: str, seconds: float) -> None:
+        self[name] = round(self.get(name, 0.0) + seconds, 3)
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 3)
+        self.add(name, time.perf_counter() - start)
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,6 +99,7 @@ def prune(config: PruneConfig) -> dict:
         if windows is not None:
             writer.save_tensors("calibration.safetensors", {"input_ids": windows})
         writer.write_json("prune_report.json", report)
+        write_report_markdown(writer.partial, report)
         (writer.partial / "prune_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         writer.copy_from_source(info.path)
         writer.finish(info.config, info.source_dtype)
@@ -154,7 +161,7 @@ def prune_layers(
         stats = {}
         if inputs is not None:
             stats, seconds = collect_input_statistics(layer, inputs, NEEDS_HESSIAN[method])
-            timings["calibration_forward"] = round(timings.get("calibration_forward", 0.0) + seconds, 3)
+            timings.add("calibration_forward", seconds)
         modules = {}
         for name, linear in layer_linears(layer):
             G = None
@@ -163,7 +170,7 @@ def prune_layers(
             outcome = prune_weight(linear.weight.data, config.prune, stats.get(LINEAR_INPUT_OWNER[name]), G)
             # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
             linear.weight.data.copy_(outcome.weight.to(info.source_dtype))
-            modules[name] = _sparsity(linear.weight.data, outcome.damp)
+            modules[name] = _module_entry(linear.weight.data, outcome)
         if inputs is not None:
             inputs = _propagate(layer, inputs, timings)
         writer.write_layer(index, _layer_tensors(index, layer, info.source_dtype))
@@ -173,17 +180,18 @@ def prune_layers(
 
 
 def _propagate(layer: nn.Module, inputs: LayerInputs, timings: Timings) -> LayerInputs:
-    before = inputs.forward_seconds
     outputs = run_layer(layer, inputs)
-    timings["calibration_forward"] = round(timings.get("calibration_forward", 0.0) + outputs.forward_seconds - before, 3)
+    timings.add("calibration_forward", outputs.forward_seconds - inputs.forward_seconds)
     return outputs
 
 
-def _sparsity(weight: Tensor, damp: float | None) -> dict:
+def _module_entry(weight: Tensor, outcome: PruneOutcome) -> dict:
     zeros = int((weight == 0).sum())
     entry = {"zeros": zeros, "numel": weight.numel(), "sparsity": zeros / weight.numel()}
-    if damp is not None:
-        entry["sparsegpt_damp"] = damp
+    if outcome.damp is not None:
+        entry["sparsegpt_damp"] = outcome.damp
+    if outcome.gradient_share is not None:
+        entry["gradient_share"] = outcome.gradient_share
     return entry
 
 
@@ -199,9 +207,7 @@ def _layer_tensors(index: int, layer: nn.Module, dtype: torch.dtype) -> dict[str
 
 def _non_layer_tensors(model: nn.Module, info: CheckpointInfo) -> dict[str, Tensor]:
     tensors = {
-        name: t.to(info.source_dtype)
-        for name, t in model.state_dict().items()
-        if not name.startswith("model.layers.")
+        name: t.to(info.source_dtype) for name, t in model.state_dict().items() if not name.startswith("model.layers.")
     }
     if info.tied_embeddings:
         tensors.pop("lm_head.weight", None)  # transformers re-ties it to the embeddings on load
@@ -236,12 +242,19 @@ def build_report(
         "decoder_linear_weights": numel,
         "perplexity": _perplexity_entry(perplexities, eval_windows, config),
         "sparsegpt_damping_retries": retried,
+        "gblm_gradient_share": _mean_gradient_share(layers),
         "layers": layers,
         "timings_s": dict(timings),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "versions": {"dist_prune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
     }
+
+
+def _mean_gradient_share(layers: list[dict]) -> float | None:
+    """GBLM: average share of the gradient term in the score; near 0 means GBLM ranks like Wanda."""
+    shares = [m["gradient_share"] for layer in layers for m in layer["modules"].values() if "gradient_share" in m]
+    return sum(shares) / len(shares) if shares else None
 
 
 def _perplexity_entry(perplexities: dict, eval_windows: Tensor | None, config: PruneConfig) -> dict | None:

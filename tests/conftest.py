@@ -18,7 +18,9 @@ def smollm2_path() -> Path:
     return smollm2_dir()
 
 
-def write_tiny_llama(path: Path, *, layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
+def write_tiny_llama(
+    path: Path, *, layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
+) -> Path:
     """A random LLaMA with grouped-query attention, saved as an ordinary HF checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -22,6 +22,7 @@ class PruneOutcome:
     weight: Tensor  # fp32, exact zeros where pruned
     mask: Tensor  # True where pruned
     damp: float | None = None  # SparseGPT: damping fraction actually used
+    gradient_share: float | None = None  # GBLM: sum |W|G / sum of the whole score (how much gradients weigh)
 
 
 def prune_weight(W: Tensor, cfg: MethodConfig, stats: InputStatistics | None, G: Tensor | None) -> PruneOutcome:
@@ -29,14 +30,15 @@ def prune_weight(W: Tensor, cfg: MethodConfig, stats: InputStatistics | None, G:
     nm = parse_pattern(cfg.pattern)
     if cfg.method == "sparsegpt":
         assert stats is not None
-        result = sparsegpt_prune(
-            W, stats.hessian(), cfg.sparsity, nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp
-        )
+        result = sparsegpt_prune(W, stats.hessian(), cfg.sparsity, nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp)
         return PruneOutcome(result.weight, result.mask, result.damp)
     scores = _scores(W, cfg, stats, G)
     per_row = not (cfg.method == "magnitude" and cfg.magnitude_scope == "matrix")
     mask = select_mask(scores, cfg.sparsity, nm, per_row=per_row)
-    return PruneOutcome(W.float().masked_fill(mask, 0.0), mask)
+    share = None
+    if G is not None:
+        share = float((W.float().abs() * G.float()).sum() / scores.sum())
+    return PruneOutcome(W.float().masked_fill(mask, 0.0), mask, gradient_share=share)
 
 
 def _scores(W: Tensor, cfg: MethodConfig, stats: InputStatistics | None, G: Tensor | None) -> Tensor:

@@ -3,7 +3,6 @@
 All scores are computed in fp32 whatever the weight dtype, as in the reference implementations.
 """
 
-import torch
 from torch import Tensor
 
 

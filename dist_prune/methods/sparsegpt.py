@@ -5,8 +5,8 @@ row shard. Only the unstructured block threshold compares across rows; it is an 
 sharded caller can supply an exact cross-worker selection.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

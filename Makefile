@@ -1,0 +1,32 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# torch is pinned to the CPU wheel the machines carry; the constraints file stops any other package
+# (accelerate, deepspeed, ray extras) from pulling a newer torch with GBs of CUDA libraries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup assets demo test lint bench
+
+$(BIN)/dist-prune: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/dist-prune
+
+assets: setup
+	$(BIN)/dist-prune assets
+
+demo: assets
+	$(BIN)/dist-prune prune --config configs/demo.yaml --overwrite
+
+test: assets
+	$(BIN)/ruff check dist_prune tests bench
+	$(BIN)/python -m pytest -q
+
+bench: assets
+	cd bench && ../$(BIN)/python quality.py

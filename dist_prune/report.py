@@ -1,0 +1,244 @@
+"""report.md and its PNG plots, written into the pruned checkpoint directory.
+
+Figures use matplotlib's object API on an Agg canvas (no pyplot, so no global backend switch and no
+windows), at fixed sizes and dpi: every PNG's pixel size is figsize * DPI.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .inspection import TensorRef, read_crop, tensor_refs
+
+REPORT_FILE = "report.md"
+DPI = 100
+LAYER_SPARSITY_FIGSIZE = (8.0, 3.5)
+MODULE_HEATMAP_FIGSIZE = (8.0, 6.0)
+PERPLEXITY_FIGSIZE = (5.0, 3.5)
+MASK_FIGSIZE = (5.0, 5.0)
+STRUCTURE_FIGSIZE = (8.0, 5.0)
+MASK_CROP = 256
+# Methods whose masks come from calibration scores: where the GBLM paper sees row/column structure appear.
+MASK_PICTURE_METHODS = ("wanda", "sparsegpt", "gblm")
+PERPLEXITY, SPARSITY, MASKS, STRUCTURE, TIMINGS = "Perplexity", "Sparsity per layer", "Masks", "Structure", "Timings"
+
+
+@dataclass(frozen=True)
+class Plot:
+    section: str
+    caption: str
+    path: Path
+
+
+def write_report_markdown(out_dir: Path, report: dict) -> Path:
+    """Write report.md and its plots into `out_dir` (the checkpoint directory); returns report.md's path."""
+    out_dir = Path(out_dir)
+    plots = draw_plots(out_dir, report)
+    path = out_dir / REPORT_FILE
+    path.write_text(render_markdown(report, plots))
+    return path
+
+
+def draw_plots(out_dir: Path, report: dict) -> list[Plot]:
+    """Every plot the report has data for; masks are read from the weights in `out_dir`, a crop at a time."""
+    layers = report["layers"]
+    plots = [
+        Plot(SPARSITY, "sparsity per layer", plot_layer_sparsity(layers, out_dir / "report-layer-sparsity.png")),
+        Plot(SPARSITY, "sparsity per module", plot_module_heatmap(layers, out_dir / "report-module-sparsity.png")),
+    ]
+    perplexities = _perplexities(report)
+    if perplexities:
+        plots.append(Plot(PERPLEXITY, "perplexity", plot_perplexity(perplexities, out_dir / "report-perplexity.png")))
+    if report["method"] in MASK_PICTURE_METHODS:
+        for ref in mask_pictured_weights(out_dir, layers):
+            path = out_dir / f"report-mask-{ref.name.removesuffix('.weight').replace('.', '-')}.png"
+            plots.append(Plot(MASKS, f"mask of {ref.name}", plot_mask(ref, path)))
+    if report.get("structure"):
+        path = plot_structure(report["structure"], out_dir / "report-structure.png")
+        plots.append(Plot(STRUCTURE, "kept heads and channels", path))
+    return plots
+
+
+def _perplexities(report: dict) -> dict[str, float]:
+    measured = report.get("perplexity") or {}
+    return {name: measured[name] for name in ("dense", "pruned") if isinstance(measured.get(name), (int, float))}
+
+
+def mask_pictured_weights(out_dir: Path, layers: list[dict]) -> list[TensorRef]:
+    """The first layer's q_proj, a middle layer's o_proj and the last layer's down_proj, where stored."""
+    indices = sorted(layer["layer"] for layer in layers)
+    if not indices:
+        return []
+    wanted = [
+        (indices[0], "self_attn.q_proj"),
+        (indices[len(indices) // 2], "self_attn.o_proj"),
+        (indices[-1], "mlp.down_proj"),
+    ]
+    by_position = {ref.decoder_position: ref for ref in tensor_refs(out_dir).values() if ref.decoder_position}
+    return [by_position[position] for position in wanted if position in by_position]
+
+
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    figure = Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    # No bbox_inches="tight": it would crop the canvas and make the pixel size depend on the content.
+    figure.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def _module_label(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def plot_layer_sparsity(layers: list[dict], path: Path) -> Path:
+    figure = _new_figure(LAYER_SPARSITY_FIGSIZE)
+    ax = figure.add_subplot()
+    ax.bar([layer["layer"] for layer in layers], [layer["sparsity"] for layer in layers], color="tab:blue")
+    ax.set(xlabel="decoder layer", ylabel="sparsity", ylim=(0, 1), title="Sparsity of decoder Linear weights per layer")
+    ax.grid(axis="y", alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(figure, path)
+
+
+def plot_module_heatmap(layers: list[dict], path: Path) -> Path:
+    modules = list(dict.fromkeys(module for layer in layers for module in layer["modules"]))
+    values = np.array(
+        [[layer["modules"].get(module, {}).get("sparsity", np.nan) for module in modules] for layer in layers],
+        dtype=float,
+    )
+    figure = _new_figure(MODULE_HEATMAP_FIGSIZE)
+    ax = figure.add_subplot()
+    image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(modules)), [_module_label(module) for module in modules], rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
+    # One label per layer: shrink them as layers multiply so that 80 layers still fit the fixed height.
+    ax.tick_params(axis="y", labelsize=max(4, min(10, 300 // max(1, len(layers)))))
+    ax.set(xlabel="module", ylabel="decoder layer", title="Sparsity per layer and module")
+    figure.colorbar(image, ax=ax, label="sparsity")
+    return _save(figure, path)
+
+
+def plot_perplexity(perplexities: dict[str, float], path: Path) -> Path:
+    figure = _new_figure(PERPLEXITY_FIGSIZE)
+    ax = figure.add_subplot()
+    bars = ax.bar(
+        list(perplexities), list(perplexities.values()), color=["tab:gray", "tab:orange"][: len(perplexities)]
+    )
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set(ylabel="perplexity", title="Perplexity, dense vs pruned")
+    ax.margins(y=0.15)
+    return _save(figure, path)
+
+
+def plot_mask(ref: TensorRef, path: Path, crop: int = MASK_CROP) -> Path:
+    """A top-left crop of the mask, pruned weights black: row and column patterns show as stripes."""
+    pruned = (read_crop(ref, crop, crop) == 0).numpy()
+    figure = _new_figure(MASK_FIGSIZE)
+    ax = figure.add_subplot()
+    ax.imshow(~pruned, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    rows, cols = pruned.shape
+    title = f"{ref.name}\nrows 0-{rows - 1}, inputs 0-{cols - 1}: {pruned.mean():.1%} pruned (black)"
+    ax.set_title(title, fontsize=9)
+    ax.set(xlabel="input", ylabel="output row")
+    return _save(figure, path)
+
+
+def plot_structure(structure: list[dict], path: Path) -> Path:
+    """Structured pruning: kept vs total attention heads and MLP channels per layer."""
+    figure = _new_figure(STRUCTURE_FIGSIZE)
+    heads_ax, channels_ax = figure.subplots(2, 1, sharex=True)
+    layer_indices = [entry["layer"] for entry in structure]
+    for ax, what in ((heads_ax, "heads"), (channels_ax, "channels")):
+        ax.bar(layer_indices, [entry[f"{what}_total"] for entry in structure], color="lightgray", label="total")
+        ax.bar(layer_indices, [entry[f"{what}_kept"] for entry in structure], color="tab:green", label="kept")
+        ax.set(ylabel=what)
+        ax.legend(loc="upper right", fontsize=8)
+    channels_ax.set(xlabel="decoder layer")
+    channels_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    heads_ax.set_title("Kept attention heads and MLP channels per layer")
+    return _save(figure, path)
+
+
+def render_markdown(report: dict, plots: list[Plot]) -> str:
+    """Overview, then one section per topic with its table and its images (linked by relative path)."""
+    parts = [_overview(report)]
+    for title, body in (
+        (PERPLEXITY, _perplexity_text(report)),
+        (SPARSITY, _sparsity_table(report)),
+        (MASKS, ""),
+        (STRUCTURE, ""),
+        (TIMINGS, _timings_table(report)),
+    ):
+        images = [f"![{plot.caption}]({plot.path.name})" for plot in plots if plot.section == title]
+        if title == MASKS and images:
+            body = f"Top-left crops of at most {MASK_CROP}x{MASK_CROP} weights; black marks a pruned weight."
+        if body or images:
+            parts.append("\n\n".join([f"## {title}", *([body] if body else []), *images]))
+    return "\n\n".join(parts) + "\n"
+
+
+def _overview(report: dict) -> str:
+    rows = [
+        ("method", report["method"]),
+        ("pattern", report["pattern"]),
+        ("total sparsity", f"{report['total_sparsity']:.4f}"),
+    ]
+    if "pruned_weights" in report:
+        rows.append(("pruned weights", f"{report['pruned_weights']:,} of {report['decoder_linear_weights']:,}"))
+    if report.get("source"):
+        rows.append(("source", f"`{report['source']}`"))
+    if report.get("calibration"):
+        calibration = report["calibration"]
+        rows.append(("calibration", f"{calibration['sequences']} sequences x {calibration['seqlen']} tokens"))
+    if report.get("peak_rss_mib") is not None:
+        rows.append(("peak RSS", f"{report['peak_rss_mib']:,} MiB"))
+    title = f"# Pruning report: {report['method']}, {report['pattern']}"
+    return title + "\n\n" + _markdown_table(["", ""], rows)
+
+
+def _perplexity_text(report: dict) -> str:
+    perplexities = _perplexities(report)
+    if not perplexities:
+        return "Not measured (the run had evaluation turned off)."
+    measured = report["perplexity"]
+    table = _markdown_table(["model", "perplexity"], [(name, f"{value:.3f}") for name, value in perplexities.items()])
+    text, windows, seqlen = (measured.get(key, "?") for key in ("text", "windows", "seqlen"))
+    where = f"On `{text}`, {windows} windows of {seqlen} tokens."
+    return f"{table}\n\n{where}"
+
+
+def _sparsity_table(report: dict) -> str:
+    layers = report["layers"]
+    modules = list(dict.fromkeys(module for layer in layers for module in layer["modules"]))
+    headers = ["layer", "sparsity", "seconds", *(_module_label(module) for module in modules)]
+    rows = [
+        (
+            layer["layer"],
+            f"{layer['sparsity']:.4f}",
+            layer.get("seconds", "-"),
+            *(f"{layer['modules'][m]['sparsity']:.4f}" if m in layer["modules"] else "-" for m in modules),
+        )
+        for layer in layers
+    ]
+    return _markdown_table(headers, rows)
+
+
+def _timings_table(report: dict) -> str:
+    timings = report.get("timings_s") or {}
+    if not timings:
+        return ""
+    return _markdown_table(["phase", "seconds"], [(phase, f"{s:.3f}") for phase, s in timings.items()])
+
+
+def _markdown_table(headers: list[str], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
