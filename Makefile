@@ -29,4 +29,4 @@ test: assets
 	$(BIN)/python -m pytest -q
 
 bench: assets
-	cd bench && ../$(BIN)/python quality.py
+	$(BIN)/python bench/quality.py

@@ -116,7 +116,9 @@ def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None
 def load_model(info: CheckpointInfo, device: torch.device) -> nn.Module:
     """The whole model in fp32 on one device (the in-process worker)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own log lines say what is loading; no bars in pipeline logs
     model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
     return model.to(device).eval()
 
