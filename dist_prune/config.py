@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "saap")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,28 @@ class MethodConfig:
     """SparseGPT: diagonal damping as a fraction of mean(diag(H))."""
     sparsegpt_blocksize: int = 128
     """SparseGPT: columns per lazy-update block."""
+
+
+@dataclass(frozen=True)
+class StructuredConfig:
+    ratio: float = 0.2
+    """SAAP-style structured pruning: target fraction of decoder-layer parameters removed."""
+    protect_first: int = 2
+    """Number of first decoder layers kept whole."""
+    protect_last: int = 1
+    """Number of last decoder layers kept whole."""
+    importance: str = "fused"
+    """Group importance: "fused" (SAAP-style), "element" (element-wise Taylor, LLM-Pruner), "vector", "activation"."""
+    allocation: str = "adaptive"
+    """Per-layer ratios: "adaptive" (importance stability across calibration batches) or "uniform"."""
+    stability_batches: int = 4
+    """Calibration batches over which importance stability is measured."""
+    recover_steps: int = 0
+    """Recovery fine-tuning steps with low-rank adapters, merged back into the weights (0: none)."""
+    recover_rank: int = 8
+    """Rank of the recovery adapters."""
+    recover_lr: float = 2e-4
+    """Learning rate of the recovery adapters."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +111,7 @@ class PruneConfig:
     out: str = "out/pruned"
     """Output directory; it appears only when complete."""
     prune: MethodConfig = field(default_factory=MethodConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -180,7 +203,9 @@ def validate(config: PruneConfig) -> None:
     _check_types(config)
     if p.method not in METHODS:
         raise ConfigError(f"unknown method {p.method!r}; choose one of {', '.join(METHODS)}")
-    if p.pattern is None and not 0.0 < p.sparsity < 1.0:
+    if p.method == "saap":
+        _validate_structured(config.structured, p.pattern)
+    elif p.pattern is None and not 0.0 < p.sparsity < 1.0:
         raise ConfigError(f"sparsity must be strictly between 0 and 1, got {p.sparsity}")
     parse_pattern(p.pattern)
     if p.magnitude_scope not in ("matrix", "row"):
@@ -200,6 +225,22 @@ def validate(config: PruneConfig) -> None:
         _positive("eval_windows", e.eval_windows)
     if config.runtime.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {config.runtime.device!r}")
+
+
+def _validate_structured(s: StructuredConfig, pattern: str | None) -> None:
+    if pattern is not None:
+        raise ConfigError("saap removes whole heads and channels; it takes --ratio, not --pattern")
+    if not 0.0 < s.ratio < 1.0:
+        raise ConfigError(f"ratio must be strictly between 0 and 1, got {s.ratio}")
+    if s.importance not in ("fused", "element", "vector", "activation"):
+        raise ConfigError(f"importance must be fused, element, vector or activation, got {s.importance!r}")
+    if s.allocation not in ("adaptive", "uniform"):
+        raise ConfigError(f"allocation must be adaptive or uniform, got {s.allocation!r}")
+    if s.protect_first < 0 or s.protect_last < 0 or s.recover_steps < 0:
+        raise ConfigError("protect_first, protect_last and recover_steps must not be negative")
+    _positive("stability_batches", s.stability_batches)
+    _positive("recover_rank", s.recover_rank)
+    _positive("recover_lr", s.recover_lr)
 
 
 def _positive(name: str, value: float) -> None:
