@@ -13,12 +13,15 @@ from typing import Any
 from .config import field_doc, leaf_fields, leaf_type, load_config
 from .errors import DistPruneError
 from .log import get_logger, setup_logging
+from .progress import Progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    setup_logging(quiet=getattr(args, "quiet", False))
+    quiet, json_lines = getattr(args, "quiet", False), getattr(args, "log_json", False)
+    setup_logging(quiet=quiet, json_lines=json_lines)
+    args.progress = Progress("json" if json_lines else "quiet" if quiet else "bars")
     try:
         return args.handler(args)
     except DistPruneError as err:
@@ -30,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     # --quiet is accepted before or after the subcommand name.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+    common.add_argument(
+        "--log-json", action="store_true", default=argparse.SUPPRESS, help="progress and logs as JSON lines on stderr"
+    )
     parser = argparse.ArgumentParser(prog="dist-prune", description=__doc__.splitlines()[0], parents=[common])
     commands = parser.add_subparsers(required=True, dest="command")
 
@@ -42,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(grad)
     grad.set_defaults(handler=_grad)
+
+    plan = commands.add_parser(
+        "plan", parents=[common], help="per-worker memory of each phase, from config.json alone; loads nothing"
+    )
+    _add_config_flags(plan)
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(handler=_plan)
 
     evaluate = commands.add_parser("eval", parents=[common], help="perplexity of a checkpoint on held-out text")
     evaluate.add_argument("--model", required=True, help="smollm2-135m or a checkpoint directory")
@@ -102,7 +115,7 @@ def _prune(args: argparse.Namespace) -> int:
     from .pipeline import prune
 
     config = load_config(args.config, _overrides(args))
-    report = prune(config)
+    report = prune(config, args.progress)
     _print_summary(report, config.out)
     return 0
 
@@ -111,15 +124,25 @@ def _grad(args: argparse.Namespace) -> int:
     from .pipeline import compute_gradients
 
     config = load_config(args.config, _overrides(args))
-    path = compute_gradients(config, Path(config.out))
+    path = compute_gradients(config, Path(config.out), args.progress)
     print(path)
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .assets import resolve_model
+    from .memory import format_plan, plan_for
+
+    config = load_config(args.config, _overrides(args))
+    memory = plan_for(config, resolve_model(config.model))
+    print(json.dumps(memory.to_dict()) if args.json else format_plan(memory))
+    return 0 if memory.fits else 3
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_model
 
-    result = evaluate_model(args.model, args.text, args.seqlen, args.windows, args.device)
+    result = evaluate_model(args.model, args.text, args.seqlen, args.windows, args.device, args.progress)
     if args.json:
         print(json.dumps(result))
     else:

@@ -20,6 +20,19 @@ import yaml
 from .errors import ConfigError
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "saap")
+LAUNCHERS = ("local", "ray", "torchrun")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,14 @@ class EvalConfig:
 class RuntimeConfig:
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    workers: int = 1
+    """Number of workers, each holding a row shard of every weight."""
+    launcher: str = "local"
+    """"local" (in-process, one worker), "ray" (Ray actors) or "torchrun" (this process is one rank)."""
+    activation_checkpointing: bool = True
+    """Gradient pass: keep only each decoder layer's input and recompute the rest in backward (needed at 70B)."""
+    device_memory: str | None = None
+    """Memory one worker may use, e.g. "80GiB" (None: the device's total, or the host's available RAM)."""
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
     overwrite: bool = False
@@ -122,6 +143,18 @@ class PruneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_bytes(text: str) -> int:
+    """ "80GiB", "512 MB", "1e9" -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ConfigError(f"memory size must look like 80GiB or 512MB, got {text!r}")
+    try:
+        return int(float(match.group(1)) * _UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"memory size must look like 80GiB or 512MB, got {text!r}") from None
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -223,8 +256,14 @@ def validate(config: PruneConfig) -> None:
     _positive("eval_seqlen", e.eval_seqlen)
     if e.eval_windows is not None:
         _positive("eval_windows", e.eval_windows)
-    if config.runtime.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {config.runtime.device!r}")
+    r = config.runtime
+    if r.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {r.device!r}")
+    _positive("workers", r.workers)
+    if r.launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {r.launcher!r}")
+    if r.device_memory is not None:
+        parse_bytes(r.device_memory)
 
 
 def _validate_structured(s: StructuredConfig, pattern: str | None) -> None:

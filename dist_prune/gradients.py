@@ -27,8 +27,14 @@ def decoder_linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def gradient_pass(model: nn.Module, windows: Tensor, scale: float, norm: str, progress=None) -> dict[str, Tensor]:
-    """sum_n (scale * g_n)^2 (l2) or sum_n |scale * g_n| (l1) per weight, fp32; windows: (N, T)."""
+def gradient_pass(
+    model: nn.Module, windows: Tensor, scale: float, norm: str, checkpointing: bool = False, progress=None
+) -> dict[str, Tensor]:
+    """sum_n (scale * g_n)^2 (l2) or sum_n |scale * g_n| (l1) per weight, fp32; windows: (N, T).
+
+    With `checkpointing`, each decoder layer's activations are recomputed in backward instead of kept
+    (transformers only checkpoints in training mode; LLaMA has no dropout, so the maths is unchanged).
+    """
     targets = decoder_linear_weights(model)
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in targets.items()}
     previous = {p: p.requires_grad for p in model.parameters()}
@@ -38,6 +44,9 @@ def gradient_pass(model: nn.Module, windows: Tensor, scale: float, norm: str, pr
     for name, param in targets.items():
         param.requires_grad_(True)
         handles.append(param.register_post_accumulate_grad_hook(_accumulator(sums[name], scale, norm)))
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     try:
         for sequence in windows:
             tokens = sequence[None, :].to(model.device)  # batch of one: per-sample gradients
@@ -45,6 +54,9 @@ def gradient_pass(model: nn.Module, windows: Tensor, scale: float, norm: str, pr
             if progress is not None:
                 progress()
     finally:
+        if checkpointing:
+            model.activation_checkpointing_disable()
+            model.eval()
         for handle in handles:
             handle.remove()
         for p, flag in previous.items():

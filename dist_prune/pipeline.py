@@ -3,8 +3,7 @@
 import platform
 import resource
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +17,6 @@ from .checkpoint import CheckpointInfo, check_pattern_fits, inspect_checkpoint, 
 from .config import PruneConfig
 from .data import evaluation_windows, load_text, load_token_windows, sample_windows, tokenize
 from .errors import ConfigError
-from .evaluate import perplexity
 from .gradients import check_gradient_sums, gradient_pass, load_gradient_sums, save_gradient_sums
 from .layerwise import (
     LINEAR_INPUT_OWNER,
@@ -30,25 +28,15 @@ from .layerwise import (
     run_layer,
 )
 from .log import get_logger
+from .memory import check_fits, plan_for
 from .methods import NEEDS_ACTIVATIONS, NEEDS_HESSIAN, PruneOutcome, prune_weight
 from .methods.scores import gradient_term
+from .metrics import perplexity
+from .progress import Progress
 from .report import write_report_markdown
 from .writer import CheckpointWriter
 
 log = get_logger()
-
-
-class Timings(dict):
-    """Seconds per phase; a phase entered twice accumulates."""
-
-    def add(self, name: str, seconds: float) -> None:
-        self[name] = round(self.get(name, 0.0) + seconds, 3)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.add(name, time.perf_counter() - start)
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,43 +47,44 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prune(config: PruneConfig) -> dict:
+def prune(config: PruneConfig, progress: Progress | None = None) -> dict:
     """Run one prune job in this process; returns the report also written to prune_report.json."""
-    timings = Timings()
+    progress = progress or Progress("quiet")
     started = time.perf_counter()
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     info = inspect_checkpoint(resolve_model(config.model))
     check_pattern_fits(info, config.nm)
+    memory_plan = plan_for(config, info.path)
+    check_fits(memory_plan)
     device = pick_device(config.runtime.device)
     uses_calibration = NEEDS_ACTIVATIONS[config.prune.method]
     gradient_sums = _saved_gradients(config)
-    with timings.phase("tokenize"):
+    with progress.phase("tokenize"):
         tokenizer = load_tokenizer(info.path)
         windows = calibration_windows(config, tokenizer) if uses_calibration else None
         eval_windows = _evaluation_windows(config, tokenizer) if config.evaluation.eval_after else None
     with CheckpointWriter(Path(config.out), info.num_layers, config.runtime.overwrite) as writer:
-        with timings.phase("load"):
+        with progress.phase("load"):
             model = load_model(info, device)
         perplexities = {}
         if eval_windows is not None:
-            with timings.phase("dense_eval"):
-                perplexities["dense"] = perplexity(model, eval_windows)
-            log.info("dense perplexity %.3f", perplexities["dense"])
+            perplexities["dense"] = _perplexity(model, eval_windows, progress, "dense_eval")
         if gradient_sums is not None:
             check_gradient_sums(gradient_sums, model)
         elif config.prune.method == "gblm":
-            with timings.phase("gradients"):
-                gradient_sums = gradient_pass(model, windows, config.prune.gblm_scale, config.prune.gblm_norm)
-        with timings.phase("layers"):
-            layers = prune_layers(model, windows, config, info, writer, gradient_sums, timings)
+            with progress.phase("gradients", total=windows.shape[0]) as advance:
+                p = config.prune
+                checkpointing = config.runtime.activation_checkpointing
+                gradient_sums = gradient_pass(model, windows, p.gblm_scale, p.gblm_norm, checkpointing, advance)
+        with progress.phase("layers", total=info.num_layers) as advance:
+            layers = prune_layers(model, windows, config, info, writer, gradient_sums, progress, advance)
         writer.write_rest(_non_layer_tensors(model, info))
         if eval_windows is not None:
-            with timings.phase("pruned_eval"):
-                perplexities["pruned"] = perplexity(model, eval_windows)
-            log.info("pruned perplexity %.3f", perplexities["pruned"])
-        timings["total"] = round(time.perf_counter() - started, 3)
-        report = build_report(config, info, layers, perplexities, eval_windows, windows, timings)
+            perplexities["pruned"] = _perplexity(model, eval_windows, progress, "pruned_eval")
+        progress.timings["total"] = round(time.perf_counter() - started, 3)
+        report = build_report(config, info, layers, perplexities, eval_windows, windows, progress.timings)
+        report["memory_plan"] = memory_plan.to_dict()
         if windows is not None:
             writer.save_tensors("calibration.safetensors", {"input_ids": windows})
         writer.write_json("prune_report.json", report)
@@ -107,14 +96,24 @@ def prune(config: PruneConfig) -> dict:
     return report
 
 
-def compute_gradients(config: PruneConfig, out: Path) -> Path:
+def _perplexity(model: nn.Module, windows: Tensor, progress: Progress, phase: str) -> float:
+    with progress.phase(phase, total=windows.shape[0]) as advance:
+        value = perplexity(model, windows, progress=advance)
+    log.info("%s perplexity %.3f", phase.split("_")[0], value)
+    return value
+
+
+def compute_gradients(config: PruneConfig, out: Path, progress: Progress | None = None) -> Path:
     """`dist-prune grad`: the GBLM gradient pass alone, saved for later `prune --gradients FILE` runs."""
     info = inspect_checkpoint(resolve_model(config.model))
     windows = calibration_windows(config, load_tokenizer(info.path))
     if out.exists() and not config.runtime.overwrite:
         raise ConfigError(f"gradients file {out} already exists (pass --overwrite to replace it)")
     model = load_model(info, pick_device(config.runtime.device))
-    sums = gradient_pass(model, windows, config.prune.gblm_scale, config.prune.gblm_norm)
+    progress = progress or Progress("quiet")
+    with progress.phase("gradients", total=windows.shape[0]) as advance:
+        p, checkpointing = config.prune, config.runtime.activation_checkpointing
+        sums = gradient_pass(model, windows, p.gblm_scale, p.gblm_norm, checkpointing, advance)
     c = config.calibration
     save_gradient_sums(out, sums, config.prune.gblm_scale, config.prune.gblm_norm, c.nsamples, c.seqlen)
     return out
@@ -147,7 +146,8 @@ def prune_layers(
     info: CheckpointInfo,
     writer: CheckpointWriter,
     gradient_sums: dict[str, Tensor] | None,
-    timings: Timings,
+    progress: Progress,
+    advance: Callable[[int], None],
 ) -> list[dict]:
     """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time."""
     method = config.prune.method
@@ -161,7 +161,7 @@ def prune_layers(
         stats = {}
         if inputs is not None:
             stats, seconds = collect_input_statistics(layer, inputs, NEEDS_HESSIAN[method])
-            timings.add("calibration_forward", seconds)
+            progress.add_time("calibration_forward", seconds)
         modules = {}
         for name, linear in layer_linears(layer):
             G = None
@@ -172,16 +172,16 @@ def prune_layers(
             linear.weight.data.copy_(outcome.weight.to(info.source_dtype))
             modules[name] = _module_entry(linear.weight.data, outcome)
         if inputs is not None:
-            inputs = _propagate(layer, inputs, timings)
+            inputs = _propagate(layer, inputs, progress)
         writer.write_layer(index, _layer_tensors(index, layer, info.source_dtype))
         layers.append(_layer_report(index, modules, time.perf_counter() - start))
-        log.info("layer %d/%d pruned: sparsity %.4f", index + 1, info.num_layers, layers[-1]["sparsity"])
+        advance(1)
     return layers
 
 
-def _propagate(layer: nn.Module, inputs: LayerInputs, timings: Timings) -> LayerInputs:
+def _propagate(layer: nn.Module, inputs: LayerInputs, progress: Progress) -> LayerInputs:
     outputs = run_layer(layer, inputs)
-    timings.add("calibration_forward", outputs.forward_seconds - inputs.forward_seconds)
+    progress.add_time("calibration_forward", outputs.forward_seconds - inputs.forward_seconds)
     return outputs
 
 
@@ -221,7 +221,7 @@ def build_report(
     perplexities: dict,
     eval_windows: Tensor | None,
     windows: Tensor | None,
-    timings: Timings,
+    timings: dict[str, float],
 ) -> dict:
     zeros = sum(layer["modules"][m]["zeros"] for layer in layers for m in layer["modules"])
     numel = sum(layer["modules"][m]["numel"] for layer in layers for m in layer["modules"])
@@ -264,13 +264,17 @@ def _perplexity_entry(perplexities: dict, eval_windows: Tensor | None, config: P
     return dict(perplexities, text=e.eval_text, seqlen=e.eval_seqlen, windows=eval_windows.shape[0])
 
 
-def evaluate_model(model: str, text: str, seqlen: int, windows: int | None, device: str = "auto") -> dict:
+def evaluate_model(
+    model: str, text: str, seqlen: int, windows: int | None, device: str = "auto", progress: Progress | None = None
+) -> dict:
     """`dist-prune eval`: perplexity of any checkpoint on the evaluation split or a text file."""
     info = inspect_checkpoint(resolve_model(model))
     tokenizer = load_tokenizer(info.path)
     batches = evaluation_windows(tokenize(tokenizer, load_text(text, "evaluation")), seqlen, windows)
     start = time.perf_counter()
-    value = perplexity(load_model(info, pick_device(device)), batches)
+    progress = progress or Progress("quiet")
+    with progress.phase("eval", total=batches.shape[0]) as advance:
+        value = perplexity(load_model(info, pick_device(device)), batches, progress=advance)
     return {
         "model": str(info.path),
         "perplexity": value,

@@ -1,0 +1,67 @@
+"""Phases of a job: timed for the report, and shown once by the driver as bars with ETA for people or
+JSON lines for pipelines.
+
+Workers report through the driver (never one bar per worker), so a phase is a count of units done out of
+a total, whatever the number of workers.
+"""
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+MODES = ("bars", "json", "quiet")
+
+
+class Progress:
+    def __init__(self, mode: str = "bars", stream=None):
+        if mode not in MODES:
+            raise ValueError(f"progress mode must be one of {MODES}")
+        self.mode = mode
+        self.stream = stream or sys.stderr
+        self.timings: dict[str, float] = {}
+
+    def add_time(self, name: str, seconds: float) -> None:
+        """Seconds per phase; a phase entered twice accumulates."""
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
+
+    @contextmanager
+    def phase(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """Yields `advance(n=1)`; the phase's start, steps (with ETA) and end are reported."""
+        start = time.perf_counter()
+        done = 0
+        bar = (
+            tqdm(total=total, desc=name, file=self.stream, leave=True, dynamic_ncols=True)
+            if self.mode == "bars"
+            else None
+        )
+        self._event("start", name, done, total, start)
+
+        def advance(n: int = 1) -> None:
+            nonlocal done
+            done += n
+            if bar is not None:
+                bar.update(n)
+            self._event("step", name, done, total, start)
+
+        try:
+            yield advance
+        finally:
+            if bar is not None:
+                bar.close()
+            self.add_time(name, time.perf_counter() - start)
+            self._event("end", name, done, total, start)
+
+    def _event(self, kind: str, name: str, done: int, total: int | None, start: float) -> None:
+        if self.mode != "json":
+            return
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (total - done) if total and done else None
+        record = {"event": kind, "phase": name, "done": done, "total": total, "elapsed_s": round(elapsed, 3)}
+        if eta is not None:
+            record["eta_s"] = round(eta, 3)
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
