@@ -116,7 +116,8 @@ def _prune(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _overrides(args))
     report = prune(config, args.progress)
-    _print_summary(report, config.out)
+    if report is not None:  # None on torchrun ranks other than 0, which write nothing
+        _print_summary(report, config.out)
     return 0
 
 
@@ -125,7 +126,8 @@ def _grad(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _overrides(args))
     path = compute_gradients(config, Path(config.out), args.progress)
-    print(path)
+    if path is not None:
+        print(path)
     return 0
 
 

@@ -125,3 +125,12 @@ def evaluation_windows(tokens: Tensor, seqlen: int, max_windows: int | None) -> 
     if count == 0:
         raise CalibrationError(f"evaluation text has {tokens.numel()} tokens, less than one window of {seqlen}")
     return tokens[: count * seqlen].view(count, seqlen)
+
+
+def calibration_windows(config, tokenizer) -> Tensor:
+    """The run's calibration windows (N, T): pre-tokenized if given, else sampled from the text source."""
+    c = config.calibration
+    if c.calib_tokens:
+        return load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
+    tokens = tokenize(tokenizer, load_text(c.calib_source, "calibration"))
+    return sample_windows(tokens, c.nsamples, c.seqlen, c.seed)

@@ -82,8 +82,11 @@ def save_gradient_sums(
     partial.rename(path)
 
 
-def load_gradient_sums(path: Path, scale: float, norm: str) -> dict[str, Tensor]:
-    """A saved gradient file, refused when it was made with another scale or norm than this run's."""
+def load_gradient_sums(path: Path, scale: float, norm: str, headers_only: bool = False) -> dict[str, Tensor]:
+    """A saved gradient file, refused when it was made with another scale or norm than this run's.
+
+    `headers_only` checks the file without reading a tensor (returns {}), for the driver's early checks.
+    """
     if not path.is_file():
         raise ConfigError(f"gradients file {path} does not exist")
     with safe_open(path, framework="pt") as f:
@@ -94,7 +97,7 @@ def load_gradient_sums(path: Path, scale: float, norm: str) -> dict[str, Tensor]
             raise ConfigError(
                 f"{path} holds {meta.get('norm')} sums at scale {meta.get('scale')}; this run asks for {norm} at scale {scale}"
             )
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {} if headers_only else {name: f.get_tensor(name) for name in f.keys()}
 
 
 def check_gradient_sums(sums: dict[str, Tensor], model: nn.Module) -> None:

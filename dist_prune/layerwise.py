@@ -93,7 +93,7 @@ def collect_input_statistics(
     """One forward pass over the calibration batches with hooks: statistics per input-sharing group."""
     stats: dict[str, InputStatistics] = {}
     handles = []
-    for name in set(LINEAR_INPUT_OWNER.values()):
+    for name in dict.fromkeys(LINEAR_INPUT_OWNER.values()):  # a fixed order, the same on every worker
         linear = layer.get_submodule(name)
         stats[name] = InputStatistics(linear.in_features, with_hessian, device=linear.weight.device)
         handles.append(linear.register_forward_hook(_stats_hook(stats[name])))

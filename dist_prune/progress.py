@@ -17,12 +17,15 @@ MODES = ("bars", "json", "quiet")
 
 
 class Progress:
-    def __init__(self, mode: str = "bars", stream=None):
+    def __init__(self, mode: str = "bars", stream=None, sink: Callable[[dict], None] | None = None):
+        """`sink` receives every event as a dict: how a remote worker 0 forwards its progress to the driver."""
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {MODES}")
         self.mode = mode
         self.stream = stream or sys.stderr
+        self.sink = sink
         self.timings: dict[str, float] = {}
+        self._replayed_bars: dict[str, tqdm] = {}
 
     def add_time(self, name: str, seconds: float) -> None:
         """Seconds per phase; a phase entered twice accumulates."""
@@ -56,12 +59,35 @@ class Progress:
             self._event("end", name, done, total, start)
 
     def _event(self, kind: str, name: str, done: int, total: int | None, start: float) -> None:
-        if self.mode != "json":
+        if self.mode != "json" and self.sink is None:
             return
         elapsed = time.perf_counter() - start
         eta = elapsed / done * (total - done) if total and done else None
         record = {"event": kind, "phase": name, "done": done, "total": total, "elapsed_s": round(elapsed, 3)}
         if eta is not None:
             record["eta_s"] = round(eta, 3)
+        if self.sink is not None:
+            self.sink(record)
+        if self.mode == "json":
+            self._write(record)
+
+    def _write(self, record: dict) -> None:
         self.stream.write(json.dumps(record) + "\n")
         self.stream.flush()
+
+    def replay(self, record: dict) -> None:
+        """Show an event forwarded from a worker as if the phase ran here."""
+        if self.mode == "json":
+            self._write(record)
+        if self.mode != "bars":
+            return
+        name = record["phase"]
+        if record["event"] == "start":
+            self._replayed_bars[name] = tqdm(total=record["total"], desc=name, file=self.stream, dynamic_ncols=True)
+        bar = self._replayed_bars.get(name)
+        if bar is None:
+            return
+        bar.update(record["done"] - bar.n)
+        if record["event"] == "end":
+            bar.close()
+            del self._replayed_bars[name]

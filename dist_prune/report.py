@@ -4,14 +4,22 @@ Figures use matplotlib's object API on an Agg canvas (no pyplot, so no global ba
 windows), at fixed sizes and dpi: every PNG's pixel size is figsize * DPI.
 """
 
+import platform
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import transformers
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from torch import Tensor
 
+from . import __version__
+from .checkpoint import CheckpointInfo
+from .config import PruneConfig
 from .inspection import TensorRef, read_crop, tensor_refs
 
 REPORT_FILE = "report.md"
@@ -242,3 +250,58 @@ def _markdown_table(headers: list[str], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---- prune_report.json: what a run did, for machines and for report.md ----
+
+
+def build_report(
+    config: PruneConfig,
+    info: CheckpointInfo,
+    layers: list[dict],
+    perplexities: dict,
+    eval_windows: Tensor | None,
+    windows: Tensor | None,
+    timings: dict[str, float],
+    workers,
+) -> dict:
+    zeros = sum(layer["modules"][m]["zeros"] for layer in layers for m in layer["modules"])
+    numel = sum(layer["modules"][m]["numel"] for layer in layers for m in layer["modules"])
+    retried = [
+        {"layer": layer["layer"], "module": m, "damp": entry["sparsegpt_damp"]}
+        for layer in layers
+        for m, entry in layer["modules"].items()
+        if entry.get("sparsegpt_damp", config.prune.sparsegpt_damp) != config.prune.sparsegpt_damp
+    ]
+    return {
+        "method": config.prune.method,
+        "pattern": config.prune.pattern or f"unstructured {config.prune.sparsity}",
+        "source": str(info.path),
+        "config": config.to_dict(),
+        "calibration": None if windows is None else {"sequences": windows.shape[0], "seqlen": windows.shape[1]},
+        "total_sparsity": zeros / numel,
+        "pruned_weights": zeros,
+        "decoder_linear_weights": numel,
+        "perplexity": _perplexity_entry(perplexities, eval_windows, config),
+        "sparsegpt_damping_retries": retried,
+        "gblm_gradient_share": _mean_gradient_share(layers),
+        "layers": layers,
+        "timings_s": dict(timings),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "versions": {"dist_prune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "workers": workers.world_size},
+        "peak_rss_mib_note": "worker 0's own peak resident memory",
+    }
+
+
+def _mean_gradient_share(layers: list[dict]) -> float | None:
+    """GBLM: average share of the gradient term in the score; near 0 means GBLM ranks like Wanda."""
+    shares = [m["gradient_share"] for layer in layers for m in layer["modules"].values() if "gradient_share" in m]
+    return sum(shares) / len(shares) if shares else None
+
+
+def _perplexity_entry(perplexities: dict, eval_windows: Tensor | None, config: PruneConfig) -> dict | None:
+    if eval_windows is None:
+        return None
+    e = config.evaluation
+    return dict(perplexities, text=e.eval_text, seqlen=e.eval_seqlen, windows=eval_windows.shape[0])

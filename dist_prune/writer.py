@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -96,3 +97,11 @@ class CheckpointWriter:
         self.out.rename(old)
         self.partial.rename(self.out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_run_files(writer: CheckpointWriter, config, report: dict, windows: Tensor | None) -> None:
+    """What makes a run reproducible and auditable: the report, the resolved config, the windows used."""
+    if windows is not None:
+        writer.save_tensors("calibration.safetensors", {"input_ids": windows})
+    writer.write_json("prune_report.json", report)
+    (writer.partial / "prune_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

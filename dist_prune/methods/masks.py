@@ -34,8 +34,6 @@ def prune_n_m(scores: Tensor, n: int, m: int) -> Tensor:
     return mask.view(rows, cols)
 
 
-def select_mask(scores: Tensor, ratio: float, nm: tuple[int, int] | None, per_row: bool = True) -> Tensor:
-    """The comparison group of a method: N:M when given, else per row or per matrix at `ratio`."""
-    if nm is not None:
-        return prune_n_m(scores, *nm)
-    return prune_lowest_per_row(scores, ratio) if per_row else prune_lowest_in_matrix(scores, ratio)
+def select_mask(scores: Tensor, ratio: float, nm: tuple[int, int] | None) -> Tensor:
+    """The per-row comparison groups: N:M when given, else the lowest `ratio` of each row."""
+    return prune_n_m(scores, *nm) if nm is not None else prune_lowest_per_row(scores, ratio)

@@ -1,0 +1,42 @@
+"""Everything that knows about workers: process groups, FSDP2 row sharding, the sharded GBLM gradient pass
+and the few cross-worker reductions. The maths in `dist_prune.methods` never imports torch.distributed."""
+
+from .collectives import ShardSelector, all_reduce_layer_statistics, all_reduce_statistics, select_lowest_global
+from .grad_pass import gather_gradient_sums, shard_gradient_sums, sharded_gradient_pass
+from .process_group import Workers, free_port, init_from_env, init_workers, local_share, teardown
+from .sharded_model import (
+    RowShard,
+    gather_layer_state,
+    gather_non_layer_state,
+    gather_state,
+    input_stem,
+    linear_weight_shards,
+    load_sharded_model,
+    local_rows,
+    plain_layer,
+)
+
+__all__ = [
+    "RowShard",
+    "ShardSelector",
+    "Workers",
+    "all_reduce_layer_statistics",
+    "all_reduce_statistics",
+    "free_port",
+    "gather_gradient_sums",
+    "gather_layer_state",
+    "gather_non_layer_state",
+    "gather_state",
+    "init_from_env",
+    "init_workers",
+    "input_stem",
+    "linear_weight_shards",
+    "load_sharded_model",
+    "local_rows",
+    "local_share",
+    "plain_layer",
+    "select_lowest_global",
+    "shard_gradient_sums",
+    "sharded_gradient_pass",
+    "teardown",
+]

@@ -1,0 +1,115 @@
+"""Starting and stopping the worker process group; the one place that picks a backend.
+
+Every launcher (Ray actors, torchrun, the in-process worker) ends up in `init_workers`, so the rest of
+`dist_prune.distributed` can assume a process group and a device mesh exist, even for a single worker.
+"""
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..log import get_logger
+
+log = get_logger()
+
+# Long enough for the slowest rank to finish a layer of calibration before the next collective.
+DEFAULT_TIMEOUT = timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among the workers, and the 1-D mesh FSDP shards rows over."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_workers(
+    rank: int,
+    world_size: int,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    device: torch.device | str = "cpu",
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> Workers:
+    """Join (or, for one worker, create) the default process group and build the device mesh.
+
+    A single worker gets an in-memory store: no port, no network, but the same FSDP code path as many.
+    """
+    device = _resolve_device(torch.device(device), rank)
+    if world_size == 1:
+        store = dist.HashStore()
+    else:
+        if master_port is None:
+            raise ValueError("more than one worker needs a master port")
+        store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return _workers(device)
+
+
+def init_from_env(device: torch.device | str = "auto", timeout: timedelta = DEFAULT_TIMEOUT) -> Workers:
+    """Under torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device) if device != "auto" else _default_device()
+    device = _resolve_device(device, local_rank)
+    dist.init_process_group(backend_for(device), init_method="env://", timeout=timeout)
+    return _workers(device)
+
+
+def teardown() -> None:
+    """Leave the process group; safe to call when none was started."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it), for a rendezvous on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_share(count: int, rank: int, world_size: int) -> range:
+    """The contiguous block of `count` items (calibration sequences) that `rank` handles.
+
+    Sizes differ by at most one, the larger blocks first, so rank 0 always has the most.
+    """
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _resolve_device(device: torch.device, local_rank: int) -> torch.device:
+    """One GPU per process: cuda means cuda:LOCAL_RANK, and NCCL needs it to be the current device."""
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def _workers(device: torch.device) -> Workers:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world_size,))
+    log.info("worker %d/%d on %s (%s)", rank, world_size, device, backend_for(device))
+    return Workers(rank=rank, world_size=world_size, device=device, mesh=mesh)

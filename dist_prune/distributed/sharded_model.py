@@ -1,0 +1,197 @@
+"""A LLaMA sharded by rows across the workers with FSDP2, each worker reading only its own rows.
+
+Build on the meta device (no memory), shard, allocate each worker's local shards, then fill them from
+the safetensors files with `get_slice`, which reads just the requested rows through mmap. The local
+shard of a Linear weight is a contiguous block of output rows, exactly what the per-row maths needs.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..checkpoint import INDEX_FILE, SINGLE_FILE
+from ..errors import CheckpointError
+from ..layerwise import decoder_layers
+from ..log import get_logger
+from .process_group import Workers
+
+log = get_logger()
+
+TIED_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """This worker's rows [row_offset, row_offset + tensor.shape[0]) of a matrix with `total_rows` rows."""
+
+    tensor: Tensor  # shares storage with the sharded parameter: writing into it changes the model
+    row_offset: int
+    total_rows: int
+
+
+def load_sharded_model(path: Path, workers: Workers, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The checkpoint at `path` as an FSDP2 model whose parameters are row shards (`Shard(0)`)."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Each decoder layer becomes its own FSDP unit (one all-gather per layer), then the root takes
+    # what is left (embeddings, final norm, lm_head); the root must be wrapped last.
+    # Gradients are reduced in fp32 even for bf16 weights: the gradient pass squares inside the reduce-scatter.
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=workers.mesh, mp_policy=policy)
+    fully_shard(model, mesh=workers.mesh, mp_policy=policy)
+    model.to_empty(device=workers.device)
+    _tie_head_if_needed(model)
+    fill_local_shards(model, weight_files(path))
+    rebuild_nonpersistent_buffers(model, workers.device)
+    log.info("loaded the local row shards of %s", path)
+    return model.eval()
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Which safetensors file holds each tensor of the checkpoint."""
+    if (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(path / SINGLE_FILE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), path / SINGLE_FILE)
+    raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+@torch.no_grad()
+def fill_local_shards(model: nn.Module, files: dict[str, Path]) -> None:
+    """Copy each parameter's local rows from the checkpoint, one open per file."""
+    by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():  # a tied lm_head is listed once, as the embedding
+        if name not in files:
+            raise CheckpointError(f"the checkpoint has no tensor {name}")
+        by_file.setdefault(files[name], []).append((name, param))
+    for file, params in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name, param in params:
+                _fill(param, f.get_slice(name), name)
+
+
+def _fill(param: nn.Parameter, source, name: str) -> None:
+    shard = local_rows(param)
+    if list(source.get_shape()) != list(param.shape):
+        raise CheckpointError(
+            f"{name} has shape {source.get_shape()} in the checkpoint, the config says {list(param.shape)}"
+        )
+    rows = shard.tensor.shape[0]
+    if rows:  # a worker may hold no rows of a small tensor
+        shard.tensor.copy_(source[shard.row_offset : shard.row_offset + rows])
+
+
+def _tie_head_if_needed(model: nn.Module) -> None:
+    """`to_empty` keeps a tied lm_head tied; fail loudly should a future version not."""
+    if not model.config.tie_word_embeddings:
+        return
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise CheckpointError("lm_head is no longer tied to the embeddings after sharding")
+
+
+def rebuild_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers absent from the checkpoint (rotary inv_freq) are garbage after `to_empty`: recompute them
+    by constructing the owning module afresh from its config, on the CPU, and copying its buffers over."""
+    for module in model.modules():
+        names = module._non_persistent_buffers_set
+        if not names:
+            continue
+        fresh = type(module)(module.config)
+        for name in names:
+            module._buffers[name] = fresh._buffers[name].to(device)
+
+
+def local_rows(param: nn.Parameter) -> RowShard:
+    """This worker's row block of a row-sharded parameter, where FSDP2 actually put it.
+
+    FSDP2 splits rows like `torch.chunk` (ceil-sized blocks, the last ranks possibly short or empty);
+    the offset is read from the DTensor's own layout, not recomputed from that rule.
+    """
+    if not isinstance(param, DTensor):
+        return RowShard(param.detach(), 0, param.shape[0])
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    with torch.no_grad():
+        local = param.to_local().detach()
+    return RowShard(local, offset[0], param.shape[0])
+
+
+def linear_weight_shards(layer: nn.Module) -> dict[str, RowShard]:
+    """Local row shards of every Linear weight in a module, keyed like `self_attn.q_proj`."""
+    return {name: local_rows(m.weight) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def gather_state(module: nn.Module) -> dict[str, Tensor]:
+    """Full tensors of a module's state (parameters and persistent buffers), on every worker.
+
+    A collective: every worker must call it for the same module in the same order. Names are relative
+    to `module`, like `module.state_dict()`.
+    """
+    return {name: _full(t) for name, t in module.state_dict().items()}
+
+
+def gather_layer_state(model: nn.Module, index: int) -> dict[str, Tensor]:
+    """Full tensors of decoder layer `index`, named as in the checkpoint (`model.layers.3.mlp.up_proj.weight`)."""
+    state = gather_state(decoder_layers(model)[index])
+    return {f"model.layers.{index}.{name}": t for name, t in state.items()}
+
+
+def gather_non_layer_state(model: nn.Module) -> dict[str, Tensor]:
+    """Embeddings, final norm and lm_head (left out when tied, as transformers re-ties it on load)."""
+    state = {name: t for name, t in model.state_dict().items() if not name.startswith("model.layers.")}
+    if model.config.tie_word_embeddings:
+        state.pop(TIED_HEAD, None)
+    with torch.no_grad():
+        return {name: _full(t) for name, t in state.items()}
+
+
+def _full(t: Tensor) -> Tensor:
+    """A full copy that never aliases the model: on a one-worker mesh `full_tensor` returns the shard itself."""
+    if not isinstance(t, DTensor):
+        return t.clone()
+    full = t.full_tensor()
+    return full.clone() if t.device_mesh.size() == 1 else full
+
+
+def plain_layer(model: nn.Module, index: int) -> nn.Module:
+    """An ordinary (non-FSDP) copy of decoder layer `index` with full weights, for data-parallel calibration.
+
+    FSDP's forward is a collective, so workers with different numbers of calibration sequences could not
+    run the sharded layer; a plain copy lets each worker run exactly its own share.
+    """
+    layer = decoder_layers(model)[index]
+    with torch.device("meta"):
+        plain = _unsharded_class(layer)(model.config, index)
+    plain.load_state_dict(gather_state(layer), assign=True)
+    return plain.eval()
+
+
+def input_stem(model: nn.Module, device: torch.device) -> nn.Module:
+    """A plain model on the meta device except for full embeddings and rotary buffers.
+
+    Enough for `layerwise.capture_layer_inputs`, which stops at decoder layer 0: each worker computes
+    layer 0's inputs for its own sequences without any collective.
+    """
+    embedding = _full(model.get_input_embeddings().weight.detach())
+    with torch.device("meta"):
+        stem = _unsharded_class(model)(model.config)
+    stem.get_input_embeddings().weight = nn.Parameter(embedding, requires_grad=False)
+    rebuild_nonpersistent_buffers(stem, device)
+    return stem.eval()
+
+
+def _unsharded_class(module: nn.Module) -> type:
+    """fully_shard swaps a module's class for an FSDP subclass; the original is the first base outside FSDP."""
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))

@@ -1,0 +1,182 @@
+"""Launching workers: the one place that knows about the in-process worker, torchrun and Ray.
+
+Every launcher runs the same `worker` functions. The in-process launcher makes a world of one (an
+in-memory store: no network); a torchrun process is one rank of a world torchrun made; the Ray launcher
+starts one actor per worker, the actors form their own process group, and the driver relays worker 0's
+progress and surfaces any worker's error with its traceback.
+"""
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import PruneConfig
+from .errors import ConfigError, DistPruneError
+from .log import get_logger, setup_logging
+from .progress import Progress
+
+log = get_logger()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def launch(job: str, config: PruneConfig, progress: Progress):
+    r = config.runtime
+    if r.launcher == "local":
+        if r.workers != 1:
+            raise ConfigError("the local launcher runs one in-process worker; use --launcher ray or torchrun")
+        return _in_process(job, config, progress)
+    if r.launcher == "torchrun":
+        return _torchrun_rank(job, config, progress)
+    return _ray(job, config, progress)
+
+
+def run_job(job: str, config: PruneConfig, workers, progress: Progress):
+    from .worker import gradients_on_worker, prune_on_worker
+
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    if job == "prune":
+        return prune_on_worker(config, workers, progress)
+    return gradients_on_worker(config, Path(config.out), workers, progress)
+
+
+def _in_process(job: str, config: PruneConfig, progress: Progress):
+    from .distributed import init_workers, teardown
+
+    workers = init_workers(0, 1, device=pick_device(config.runtime.device))
+    try:
+        return run_job(job, config, workers, progress)
+    finally:
+        teardown()
+
+
+def _torchrun_rank(job: str, config: PruneConfig, progress: Progress):
+    """This process is one rank; torchrun set RANK, WORLD_SIZE, MASTER_ADDR, ... and kills the others on failure."""
+    from .distributed import init_from_env, teardown
+
+    if "RANK" not in os.environ:
+        raise ConfigError("--launcher torchrun must run under torchrun (RANK/WORLD_SIZE are not set)")
+    workers = init_from_env(pick_device(config.runtime.device))
+    if not workers.is_main:
+        progress = Progress("quiet")  # one view of the job: worker 0's, whose steps all workers share
+    setup_logging(quiet=progress.mode == "quiet", rank=workers.rank, world_size=workers.world_size)
+    config = replace(config, runtime=replace(config.runtime, workers=workers.world_size))
+    try:
+        return run_job(job, config, workers, progress)
+    finally:
+        teardown()
+
+
+def _ray(job: str, config: PruneConfig, progress: Progress):
+    """One actor per worker; the driver relays worker 0's progress and stops every actor on any error."""
+    import ray
+    from ray.util.queue import Queue
+
+    _ray_init(config)
+    use_gpu = _ray_uses_gpu(config.runtime.device)
+    actor_class = ray.remote(num_cpus=config.runtime.threads or 1, num_gpus=1 if use_gpu else 0)(WorkerActor)
+    actors = [actor_class.remote() for _ in range(config.runtime.workers)]
+    try:
+        address, port = ray.get(actors[0].rendezvous.remote())
+        events = Queue()
+        device = "cuda:0" if use_gpu else "cpu"  # Ray shows each actor only its own GPU
+        futures = [
+            actor.run.remote(job, config, rank, address, port, device, events if rank == 0 else None)
+            for rank, actor in enumerate(actors)
+        ]
+        return _wait_for_workers(futures, events, progress)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+class WorkerActor:
+    """A Ray actor holding one worker; its methods run in the actor's own process."""
+
+    def rendezvous(self) -> tuple[str, int]:
+        import ray
+
+        from .distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def run(self, job: str, config: PruneConfig, rank: int, address: str, port: int, device: str, events):
+        from .distributed import init_workers, teardown
+
+        world_size = config.runtime.workers
+        setup_logging(quiet=True, rank=rank, world_size=world_size)
+        workers = init_workers(rank, world_size, address, port, device)
+        progress = Progress("quiet", sink=events.put if events is not None else None)
+        try:
+            return run_job(job, config, workers, progress)
+        finally:
+            teardown()
+
+
+def _wait_for_workers(futures: list, events, progress: Progress):
+    """Relay progress until every worker is done; the first failure stops the job with its traceback."""
+    import ray
+
+    pending = list(futures)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.25)
+        for record in events.get_nowait_batch(events.qsize()):
+            progress.replay(record)
+        for future in done:
+            _result_or_raise(future)
+    for record in events.get_nowait_batch(events.qsize()):
+        progress.replay(record)
+    return ray.get(futures[0])
+
+
+def _result_or_raise(future) -> None:
+    import ray
+
+    try:
+        ray.get(future)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, DistPruneError):
+            raise cause from None  # bad input: the same one-line message and exit code as in-process
+        raise WorkerFailed(f"a worker failed; its traceback:\n{err}") from None
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised something other than bad input (exit code 1 with the worker's traceback)."""
+
+
+def _ray_init(config: PruneConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # Keep a single-machine Ray on loopback: otherwise a driver can hang resolving the host's address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    env = {k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "HF_HUB_OFFLINE") if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    cpus = max(os.cpu_count() or 1, config.runtime.workers * (config.runtime.threads or 1))
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def _ray_uses_gpu(device: str) -> bool:
+    import ray
+
+    if device == "cpu":
+        return False
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if device == "cuda" and not has_gpus:
+        raise ConfigError("device cuda was asked for but the Ray cluster has no GPUs")
+    return has_gpus

@@ -1,0 +1,290 @@
+"""Multi-worker tests of dist_prune.distributed on CPU with gloo: 1 worker in-process, 2 and 3 spawned.
+
+Each world size runs ONE group of workers that does every check and saves what it computed; the tests
+compare that with single-process references. The tiny model's sizes are chosen so that row counts do
+not divide by 2 or 3, and the 5 calibration sequences split unevenly too.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import write_tiny_llama
+from safetensors.torch import load_file, save_file
+
+from dist_prune.gradients import gradient_pass
+from dist_prune.layerwise import capture_layer_inputs, run_layer
+from dist_prune.methods.masks import prune_lowest_in_matrix
+from dist_prune.methods.sparsegpt import sparsegpt_prune
+from dist_prune.methods.stats import InputStatistics
+
+# q_proj 56 rows, k/v 8, o/down 49, gate/up 71, embeddings 1001: uneven over 2 or 3 workers (or both).
+UNEVEN = dict(
+    hidden_size=49, intermediate_size=71, num_attention_heads=7, num_key_value_heads=1, head_dim=8, vocab_size=1001
+)
+NSEQ, SEQLEN, SCALE = 5, 16, 100.0
+SPARSITY_RATIOS = (0.0, 0.3, 0.5, 0.77, 1.0)
+
+
+def selection_cases() -> list[torch.Tensor]:
+    """Score matrices with many exact ties, signed zeros, inf and NaN, and a 4-row one that leaves the
+    third of three workers without rows."""
+    g = torch.Generator().manual_seed(1)
+    ties = torch.randint(0, 4, (7, 10), generator=g).float()
+    signed_zeros = torch.randint(0, 2, (9, 6), generator=g).float() * torch.where(
+        torch.rand(9, 6, generator=g) < 0.5, -1.0, 1.0
+    )
+    special = torch.randn(5, 8, generator=g)
+    special[0, :3] = float("nan")
+    special[1, 2:5] = float("inf")
+    special[3, 1] = -float("inf")
+    return [ties, signed_zeros, special, torch.ones(4, 9), torch.randn(11, 128, generator=g)]
+
+
+def chunk_range(rows: int, rank: int, world: int) -> range:
+    """FSDP2's row split (torch.chunk): ceil-sized blocks, the last workers possibly empty."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return range(start, min(start + size, rows))
+
+
+def sharded_checkpoint(path: Path) -> Path:
+    """Rewrite a single-file checkpoint as two files plus model.safetensors.index.json."""
+    tensors = load_file(path / "model.safetensors")
+    names = sorted(tensors)
+    parts = {"part-a.safetensors": names[::2], "part-b.safetensors": names[1::2]}
+    for file, part in parts.items():
+        save_file({n: tensors[n] for n in part}, path / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, part in parts.items() for n in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "model.safetensors").unlink()
+    return path
+
+
+def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
+    torch.set_num_threads(1)  # two cores shared by up to three workers
+    from dist_prune.distributed.collectives import (
+        ShardSelector,
+        all_reduce_layer_statistics,
+        all_reduce_statistics,
+        select_lowest_global,
+    )
+    from dist_prune.distributed.grad_pass import gather_gradient_sums, sharded_gradient_pass
+    from dist_prune.distributed.process_group import init_workers, local_share, teardown
+    from dist_prune.distributed.sharded_model import (
+        gather_layer_state,
+        gather_non_layer_state,
+        input_stem,
+        linear_weight_shards,
+        load_sharded_model,
+        plain_layer,
+    )
+
+    workers = init_workers(rank, world, "127.0.0.1", port)
+    result: dict = {}
+    try:
+        tied = load_sharded_model(data["tied"], workers)
+        result["tied_state"] = {
+            **gather_layer_state(tied, 0),
+            **gather_layer_state(tied, 1),
+            **gather_non_layer_state(tied),
+        }
+        result["shards"] = {
+            name: (s.row_offset, s.total_rows, s.tensor.clone())
+            for name, s in linear_weight_shards(tied.model.layers[1]).items()
+        }
+        untied = load_sharded_model(data["untied"], workers)
+        result["untied_state"] = {**gather_layer_state(untied, 0), **gather_non_layer_state(untied)}
+
+        windows = data["windows"]
+        mine = local_share(NSEQ, rank, world)
+        stem, layer0 = input_stem(tied, workers.device), plain_layer(tied, 0)
+        inputs = capture_layer_inputs(stem, [windows[mine.start : mine.stop]])
+        result["layer0_out"] = (mine.start, run_layer(layer0, inputs).hidden[0])
+
+        for norm in ("l2", "l1"):
+            sums = sharded_gradient_pass(tied, windows, workers, SCALE, norm)
+            result[f"grad_{norm}"] = gather_gradient_sums(tied, sums)
+
+        for shard in linear_weight_shards(tied.model.layers[1]).values():
+            shard.tensor.mul_(2.0)  # what writing pruned rows back does
+        result["doubled_layer1"] = gather_layer_state(tied, 1)
+
+        result["selections"] = []
+        for scores in data["selection"]:
+            rows = chunk_range(scores.shape[0], rank, world)
+            local = scores[rows.start : rows.stop]
+            masks = [select_lowest_global(local, int(scores.numel() * r), rows.start) for r in SPARSITY_RATIOS]
+            masks.append(ShardSelector(rows.start, scores.shape[0])(local, 0.5))
+            result["selections"].append((rows.start, masks))
+
+        W, H = data["sparsegpt"]
+        rows = chunk_range(W.shape[0], rank, world)
+        pruned = sparsegpt_prune(
+            W[rows.start : rows.stop], H, 0.5, block_selector=ShardSelector(rows.start, W.shape[0])
+        )
+        result["sparsegpt"] = (rows.start, pruned.weight, pruned.mask)
+
+        stats = InputStatistics(7, with_hessian=True)
+        for x in data["activations"][mine.start : mine.stop]:
+            stats.update(x[None])
+        all_reduce_statistics(stats)
+        result["stats"] = (stats.sum_sq, stats.sum_xxt, stats.count)
+
+        names = ["mlp", "attn"] if rank % 2 else ["attn", "mlp"]  # insertion order differs between workers
+        layer_stats = {name: InputStatistics(7, with_hessian=False) for name in names}
+        for x in data["activations"][mine.start : mine.stop]:
+            layer_stats["attn"].update(x[None])
+            layer_stats["mlp"].update(2 * x[None])
+        all_reduce_layer_statistics(layer_stats)
+        result["layer_stats"] = {name: (s.sum_sq, s.count) for name, s in layer_stats.items()}
+    finally:
+        teardown()
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def run_workers(world: int, data: dict, out: Path) -> list[dict]:
+    from dist_prune.distributed.process_group import free_port
+
+    if world == 1:  # in-process: the single-worker code path needs no spawn and no port
+        threads = torch.get_num_threads()
+        try:
+            worker(0, 1, 0, data, out)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        mp.spawn(worker, args=(world, free_port(), data, out), nprocs=world)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("dist")
+    g = torch.Generator().manual_seed(0)
+    H_input = torch.randn(1024, 256, generator=g)  # well conditioned: thread counts must not matter
+    return {
+        "tied": sharded_checkpoint(write_tiny_llama(root / "tied", layers=2, **UNEVEN)),
+        "untied": write_tiny_llama(root / "untied", layers=1, seed=1, tie_word_embeddings=False, **UNEVEN),
+        "windows": torch.randint(0, UNEVEN["vocab_size"], (NSEQ, SEQLEN), generator=g),
+        "selection": selection_cases(),
+        "sparsegpt": (torch.randn(13, 256, generator=g), H_input.T @ H_input / 1024),
+        "activations": torch.randn(NSEQ, 3, 7, generator=g),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(data) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(data["tied"], dtype=torch.float32).eval()
+    inputs = capture_layer_inputs(model, [data["windows"]])
+    stats = InputStatistics(7, with_hessian=True)
+    for x in data["activations"]:
+        stats.update(x[None])
+    return {
+        "grad_l2": gradient_pass(model, data["windows"], SCALE, "l2"),
+        "grad_l1": gradient_pass(model, data["windows"], SCALE, "l1"),
+        "layer0_out": run_layer(model.model.layers[0], inputs).hidden[0],
+        "stats": (stats.sum_sq, stats.sum_xxt, stats.count),
+    }
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda w: f"world{w}")
+def results(request, data, tmp_path_factory) -> list[dict]:
+    return run_workers(request.param, data, tmp_path_factory.mktemp(f"world{request.param}"))
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in path.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_sharded_load_gathers_the_checkpoint(data, results):
+    for key, path in (("tied_state", data["tied"]), ("untied_state", data["untied"])):
+        expected = checkpoint_tensors(path)
+        for rank_result in results:
+            state = rank_result[key]
+            assert set(state) == set(expected)
+            for name, tensor in state.items():
+                assert torch.equal(tensor, expected[name]), name
+    assert "lm_head.weight" in results[0]["untied_state"]
+
+
+def test_local_row_shards_tile_each_weight(data, results):
+    expected = checkpoint_tensors(data["tied"])
+    for name in results[0]["shards"]:
+        full = expected[f"model.layers.1.{name}.weight"]
+        pieces = sorted(((r["shards"][name][0], r["shards"][name][2]) for r in results), key=lambda p: p[0])
+        assert torch.equal(torch.cat([t for _, t in pieces]), full), name
+        assert all(r["shards"][name][1] == full.shape[0] for r in results)
+        for offset, tensor in pieces:
+            assert torch.equal(tensor, full[offset : offset + tensor.shape[0]])
+
+
+def test_writing_local_rows_changes_the_gathered_layer(data, results):
+    expected = checkpoint_tensors(data["tied"])
+    for name, tensor in results[0]["doubled_layer1"].items():
+        factor = 2.0 if name.endswith("proj.weight") else 1.0
+        assert torch.equal(tensor, expected[name] * factor), name
+
+
+def test_stem_and_plain_layer_reproduce_layer_outputs(reference, results):
+    for r in results:
+        start, out = r["layer0_out"]
+        torch.testing.assert_close(out, reference["layer0_out"][start : start + out.shape[0]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_grad_pass_equals_single_process(reference, results, norm):
+    expected = reference[f"grad_{norm}"]
+    for r in results:
+        got = r[f"grad_{norm}"]
+        assert set(got) == set(expected)
+        for name, tensor in got.items():
+            assert tensor.dtype == torch.float32
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=0.0, msg=name)
+
+
+def test_global_selection_equals_full_matrix(data, results):
+    for case, scores in enumerate(data["selection"]):
+        expected = [prune_lowest_in_matrix(scores, r) for r in SPARSITY_RATIOS] + [prune_lowest_in_matrix(scores, 0.5)]
+        for which, full_mask in enumerate(expected):
+            pieces = sorted(
+                ((r["selections"][case][0], r["selections"][case][1][which]) for r in results), key=lambda p: p[0]
+            )
+            assert torch.equal(torch.cat([m for _, m in pieces]), full_mask), (case, which)
+
+
+def test_sharded_sparsegpt_matches_full(data, results):
+    W, H = data["sparsegpt"]
+    full = sparsegpt_prune(W, H, 0.5)
+    pieces = sorted((r["sparsegpt"] for r in results), key=lambda p: p[0])
+    mask = torch.cat([m for _, _, m in pieces])
+    weight = torch.cat([w for _, w, _ in pieces])
+    assert int(mask.sum()) == int(full.mask.sum())
+    assert torch.equal(mask, full.mask)
+    torch.testing.assert_close(weight, full.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_all_reduce_equals_single_process(reference, results):
+    sum_sq, sum_xxt, count = reference["stats"]
+    for r in results:
+        got_sq, got_xxt, got_count = r["stats"]
+        assert got_count == count == NSEQ
+        torch.testing.assert_close(got_sq, sum_sq, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(got_xxt, sum_xxt, rtol=1e-6, atol=1e-5)
+
+
+def test_layer_statistics_reduce_by_name_not_insertion_order(reference, results):
+    sum_sq = reference["stats"][0]
+    for r in results:
+        torch.testing.assert_close(r["layer_stats"]["attn"][0], sum_sq, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(r["layer_stats"]["mlp"][0], 4 * sum_sq, rtol=1e-6, atol=1e-5)
+        assert r["layer_stats"]["attn"][1] == r["layer_stats"]["mlp"][1] == NSEQ
