@@ -217,11 +217,26 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     return config
 
 
+class _Yaml12IntLoader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 integers, under which an unquoted `pattern: 2:4` reads as 124."""
+
+
+_Yaml12IntLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:int" or ":" not in regex.pattern]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12IntLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PruneConfig:
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = yaml.load(Path(path).read_text(), Loader=_Yaml12IntLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as err:
@@ -240,7 +255,9 @@ def validate(config: PruneConfig) -> None:
         _validate_structured(config.structured, p.pattern)
     elif p.pattern is None and not 0.0 < p.sparsity < 1.0:
         raise ConfigError(f"sparsity must be strictly between 0 and 1, got {p.sparsity}")
-    parse_pattern(p.pattern)
+    nm = parse_pattern(p.pattern)
+    if p.method == "sparsegpt" and nm is not None and p.sparsegpt_blocksize % nm[1]:
+        raise ConfigError(f"sparsegpt_blocksize {p.sparsegpt_blocksize} must be a multiple of M={nm[1]} for N:M")
     if p.magnitude_scope not in ("matrix", "row"):
         raise ConfigError(f"magnitude_scope must be 'matrix' or 'row', got {p.magnitude_scope!r}")
     if p.gblm_norm not in ("l1", "l2"):

@@ -82,8 +82,11 @@ def save_gradient_sums(
     partial.rename(path)
 
 
-def load_gradient_sums(path: Path, scale: float, norm: str, headers_only: bool = False) -> dict[str, Tensor]:
-    """A saved gradient file, refused when it was made with another scale or norm than this run's.
+def load_gradient_sums(
+    path: Path, scale: float, norm: str, nsamples: int, seqlen: int, headers_only: bool = False
+) -> dict[str, Tensor]:
+    """A saved gradient file, refused when made with another scale, norm or calibration size than this run's
+    (G is not divided by N, so the balance of GBLM's two terms depends on N and T).
 
     `headers_only` checks the file without reading a tensor (returns {}), for the driver's early checks.
     """
@@ -96,6 +99,12 @@ def load_gradient_sums(path: Path, scale: float, norm: str, headers_only: bool =
         if meta.get("norm") != norm or float(meta.get("scale", "nan")) != scale:
             raise ConfigError(
                 f"{path} holds {meta.get('norm')} sums at scale {meta.get('scale')}; this run asks for {norm} at scale {scale}"
+            )
+        made = (meta.get("nsamples"), meta.get("seqlen"))
+        if made != (str(nsamples), str(seqlen)):
+            raise ConfigError(
+                f"{path} was made from nsamples={made[0]} x seqlen={made[1]}; this run calibrates on "
+                f"nsamples={nsamples} x seqlen={seqlen} (GBLM's gradient term grows with N: use matching sizes)"
             )
         return {} if headers_only else {name: f.get_tensor(name) for name in f.keys()}
 

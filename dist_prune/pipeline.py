@@ -32,7 +32,8 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
         raise ConfigError(f"output {config.out} already exists (pass --overwrite to replace it)")
     p = config.prune
     if p.method == "gblm" and p.gradients:
-        load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm, headers_only=True)
+        c = config.calibration
+        load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen, headers_only=True)
     return launch("prune", config, progress or Progress("quiet"))
 
 

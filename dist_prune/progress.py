@@ -36,11 +36,9 @@ class Progress:
         """Yields `advance(n=1)`; the phase's start, steps (with ETA) and end are reported."""
         start = time.perf_counter()
         done = 0
-        bar = (
-            tqdm(total=total, desc=name, file=self.stream, leave=True, dynamic_ncols=True)
-            if self.mode == "bars"
-            else None
-        )
+        # Only counted phases get a bar: a bar without a total says nothing, and it would precede any error.
+        show = self.mode == "bars" and total is not None
+        bar = tqdm(total=total, desc=name, file=self.stream, leave=True, dynamic_ncols=True) if show else None
         self._event("start", name, done, total, start)
 
         def advance(n: int = 1) -> None:
@@ -82,7 +80,7 @@ class Progress:
         if self.mode != "bars":
             return
         name = record["phase"]
-        if record["event"] == "start":
+        if record["event"] == "start" and record["total"] is not None:
             self._replayed_bars[name] = tqdm(total=record["total"], desc=name, file=self.stream, dynamic_ncols=True)
         bar = self._replayed_bars.get(name)
         if bar is None:

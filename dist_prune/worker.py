@@ -208,4 +208,5 @@ def _saved_gradients(config: PruneConfig) -> dict[str, Tensor] | None:
     p = config.prune
     if p.method != "gblm" or not p.gradients:
         return None
-    return load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm)
+    c = config.calibration
+    return load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen)

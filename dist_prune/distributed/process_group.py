@@ -111,5 +111,5 @@ def _resolve_device(device: torch.device, local_rank: int) -> torch.device:
 def _workers(device: torch.device) -> Workers:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(device.type, (world_size,))
-    log.info("worker %d/%d on %s (%s)", rank, world_size, device, backend_for(device))
+    log.debug("worker %d/%d on %s (%s)", rank, world_size, device, backend_for(device))
     return Workers(rank=rank, world_size=world_size, device=device, mesh=mesh)

@@ -1,0 +1,280 @@
+"""The whole prune job on 1, 2 and 3 workers, under every launcher: masks and perplexities agree.
+
+1 worker runs in-process (`--launcher local`); 2 and 3 workers run the same worker code in spawned
+processes with gloo (what torchrun and Ray actors run too); then torchrun itself with --nnodes 2 on
+127.0.0.1, Ray actors, and `ray start --head` + `ray job submit`. The tiny model's row counts and the
+calibration sequences divide unevenly over 2 and 3 workers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import write_tiny_llama
+from safetensors import safe_open
+
+from dist_prune.cli import main
+from dist_prune.config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+UNEVEN = dict(hidden_size=48, intermediate_size=100, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+RUNS = {  # name -> prune settings; patterns need widths divisible by M (48 and 100 are by 4)
+    "magnitude-matrix": {"method": "magnitude", "magnitude_scope": "matrix"},
+    "magnitude-2of4": {"method": "magnitude", "pattern": "2:4"},
+    "wanda": {"method": "wanda"},
+    "wanda-2of4": {"method": "wanda", "pattern": "2:4"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"},
+    "gblm": {"method": "gblm"},
+}
+EXACT = {"magnitude-matrix", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4"}
+CALIBRATION = {"nsamples": 5, "seqlen": 32, "seed": 0, "batch_size": 2}
+EVALUATION = {"eval_seqlen": 32, "eval_windows": 5}
+ENV = {"GLOO_SOCKET_IFNAME": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def uneven_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("uneven") / "llama", **UNEVEN)
+
+
+def run_config(model: Path, out: Path, text: Path, settings: dict, **runtime):
+    return build_config(
+        {
+            "model": str(model),
+            "out": str(out),
+            "prune": settings,
+            "calibration": dict(CALIBRATION, calib_source=str(text)),
+            "evaluation": dict(EVALUATION, eval_text=str(text)),
+            "runtime": runtime,
+        }
+    )
+
+
+def _worker_main(rank: int, world: int, port: int, jobs: list) -> None:
+    from dist_prune.distributed import init_workers, teardown
+    from dist_prune.progress import Progress
+    from dist_prune.worker import prune_on_worker
+
+    os.environ.update(ENV)
+    torch.set_num_threads(1)
+    workers = init_workers(rank, world, "127.0.0.1", port)
+    try:
+        for config in jobs:
+            prune_on_worker(config, workers, Progress("quiet"))
+    finally:
+        teardown()
+
+
+def prune_on_workers(world: int, configs: list) -> None:
+    from dist_prune.distributed import free_port
+
+    configs = [replace(c, runtime=replace(c.runtime, workers=world)) for c in configs]
+    mp.spawn(_worker_main, args=(world, free_port(), configs), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="module")
+def outputs(uneven_llama, text_file, tmp_path_factory) -> dict[int, Path]:
+    """Every run at 1 (in-process, through the CLI's API), 2 and 3 workers."""
+    from dist_prune import prune
+
+    root = tmp_path_factory.mktemp("engine")
+    for name, settings in RUNS.items():
+        prune(run_config(uneven_llama, root / "w1" / name, text_file, settings))
+    for world in (2, 3):
+        prune_on_workers(
+            world, [run_config(uneven_llama, root / f"w{world}" / n, text_file, s) for n, s in RUNS.items()]
+        )
+    return {world: root / f"w{world}" for world in (1, 2, 3)}
+
+
+def decoder_masks(path: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    masks = {}
+    for name, file in index.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            with safe_open(path / file, framework="pt") as f:
+                masks[name] = f.get_tensor(name) == 0
+    return masks
+
+
+def agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    same = sum(int((a[n] == b[n]).sum()) for n in a)
+    return same / sum(a[n].numel() for n in a)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("run", list(RUNS))
+def test_masks_do_not_depend_on_the_number_of_workers(outputs, world, run):
+    single, many = decoder_masks(outputs[1] / run), decoder_masks(outputs[world] / run)
+    if run in EXACT:
+        assert all(torch.equal(single[n], many[n]) for n in single), f"{run}: masks differ at {world} workers"
+    else:  # float sums in another order may flip a few near-ties
+        assert agreement(single, many) >= 0.9999
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("run", list(RUNS))
+def test_perplexity_does_not_depend_on_the_number_of_workers(outputs, world, run):
+    single = json.loads((outputs[1] / run / "prune_report.json").read_text())["perplexity"]
+    many = json.loads((outputs[world] / run / "prune_report.json").read_text())["perplexity"]
+    assert many["pruned"] == pytest.approx(single["pruned"], rel=0.005)
+    assert many["dense"] == pytest.approx(single["dense"], rel=1e-4)
+
+
+def test_engine_matches_the_plain_single_process_maths(outputs, uneven_llama, text_file):
+    """The worker engine at 1 worker against the pure functions applied layer by layer on a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_prune.checkpoint import load_tokenizer
+    from dist_prune.data import calibration_windows
+    from dist_prune.layerwise import capture_layer_inputs, collect_input_statistics, layer_linears, run_layer
+    from dist_prune.methods import prune_weight
+
+    config = run_config(uneven_llama, outputs[1] / "unused", text_file, RUNS["wanda"])
+    windows = calibration_windows(config, load_tokenizer(uneven_llama))
+    model = AutoModelForCausalLM.from_pretrained(uneven_llama, dtype=torch.float32).eval()
+    inputs = capture_layer_inputs(model, list(windows.split(2)))
+    expected = {}
+    for index, layer in enumerate(model.model.layers):
+        stats, _ = collect_input_statistics(layer, inputs, with_hessian=False)
+        for name, linear in layer_linears(layer):
+            owner = "self_attn.q_proj" if name in ("self_attn.k_proj", "self_attn.v_proj") else name
+            owner = "mlp.gate_proj" if name == "mlp.up_proj" else owner
+            linear.weight.data = prune_weight(linear.weight.data, config.prune, stats[owner], None).weight
+            expected[f"model.layers.{index}.{name}.weight"] = linear.weight.data == 0
+        inputs = run_layer(layer, inputs)
+    got = decoder_masks(outputs[1] / "wanda")
+    assert agreement(expected, got) >= 0.9999
+
+
+def _cli(args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env={**os.environ, **ENV, **env}, capture_output=True, text=True, timeout=600)
+
+
+def _prune_args(model: Path, out: Path, text: Path, run: str) -> list[str]:
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in RUNS[run].items()]
+    calibration = [f"--{k.replace('_', '-')}={v}" for k, v in {**CALIBRATION, **EVALUATION}.items()]
+    return [
+        "--quiet", "prune", "--model", str(model), "--out", str(out), *settings, *calibration,
+        "--calib-source", str(text), "--eval-text", str(text),
+    ]  # fmt: skip
+
+
+def test_torchrun_two_nodes_on_loopback(outputs, uneven_llama, text_file, tmp_path):
+    from dist_prune.distributed import free_port
+
+    out, port = tmp_path / "torchrun", free_port()
+    args = _prune_args(uneven_llama, out, text_file, "gblm") + ["--launcher", "torchrun"]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "dist_prune",
+                *args,
+            ],
+            cwd=ROOT,
+            env={**os.environ, **ENV},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert agreement(decoder_masks(outputs[1] / "gblm"), decoder_masks(out)) >= 0.9999
+    assert json.loads((out / "prune_report.json").read_text())["machine"]["workers"] == 2
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A single-machine Ray cluster on loopback, as `ray start --head` makes it."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = 6390
+    started = _cli([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--num-cpus", "4", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                    "--disable-usage-stats"])  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield f"127.0.0.1:{port}"
+    _cli([ray, "stop", "--force"])
+
+
+def test_ray_actors(outputs, uneven_llama, text_file, tmp_path, ray_head):
+    out = tmp_path / "ray"
+    args = _prune_args(uneven_llama, out, text_file, "sparsegpt") + ["--launcher", "ray", "--workers", "2"]
+    result = _cli([sys.executable, "-m", "dist_prune", *args], RAY_ADDRESS=ray_head)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert agreement(decoder_masks(outputs[1] / "sparsegpt"), decoder_masks(out)) >= 0.9999
+
+
+def test_ray_worker_error_reaches_the_driver(uneven_llama, tmp_path, ray_head):
+    """Too little calibration text is found inside the workers: one clear message, exit 2, nothing written."""
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of text.")
+    out = tmp_path / "never"
+    args = _prune_args(uneven_llama, out, short, "wanda") + ["--launcher", "ray", "--workers", "2"]
+    result = _cli([sys.executable, "-m", "dist_prune", *args], RAY_ADDRESS=ray_head)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "calibration text has" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_ray_job_submit(uneven_llama, text_file, tmp_path, ray_head):
+    ray = str(Path(sys.executable).with_name("ray"))
+    out = tmp_path / "job"
+    args = _prune_args(uneven_llama, out, text_file, "wanda")[1:] + ["--workers", "2"]  # the script adds prune
+    args = [a for a in args if a != "prune"]
+    result = _cli(
+        [ray, "job", "submit", "--address", "http://127.0.0.1:8265", "--",
+         sys.executable, str(ROOT / "launchers" / "prune_job.py"), *args],
+        RAY_ADDRESS=ray_head,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert (out / "prune_report.json").is_file()
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "launchers" / "prune70b.yaml").read_text())
+    validate_config(prepare_config(config))
+    commands = " ".join(config["setup_commands"])
+    assert "pip install" in commands and "torch==2.13.0" in commands
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("llama2-*.yaml")), ids=lambda p: p.stem)
+def test_recipes_fit_their_cluster_shape(recipe, tmp_path, capsys):
+    """Each recipe's plan fits the GPUs it names, from the LLaMA-2 config alone (no weights)."""
+    from dist_prune.config import load_config
+    from dist_prune.memory import plan_memory
+
+    config = load_config(recipe)
+    sizes = {"7b": (4096, 11008, 32, 32, 32), "13b": (5120, 13824, 40, 40, 40), "70b": (8192, 28672, 64, 8, 80)}
+    hidden, mlp, heads, kv, layers = sizes[recipe.stem.split("-")[1]]
+    model = dict(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv,
+                 num_hidden_layers=layers, vocab_size=32000, model_type="llama")  # fmt: skip
+    assert plan_memory(config, model, 80 * 2**30).fits
+    (tmp_path / "config.json").write_text(json.dumps(model))
+    assert main(["plan", "--config", str(recipe), "--model", str(tmp_path / "config.json")]) == 0
