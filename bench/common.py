@@ -16,10 +16,14 @@ import transformers
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def run_child(args: list[str]) -> tuple[float, int]:
-    """Run `python -m dist_prune ARGS`; returns (wall seconds, peak resident MiB of that child alone)."""
+def run_child(args: list[str], launcher: list[str] | None = None) -> tuple[float, int]:
+    """Run `python [LAUNCHER] -m dist_prune ARGS`; returns (wall seconds, peak resident MiB of that child).
+
+    Under a launcher such as torchrun the child is the launcher itself: read the workers' own peaks from
+    the report instead.
+    """
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "dist_prune", "--quiet", *args])
+    process = subprocess.Popen([sys.executable, *(launcher or []), "-m", "dist_prune", "--quiet", *args])
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:

@@ -287,10 +287,9 @@ def build_report(
         "gblm_gradient_share": _mean_gradient_share(layers),
         "layers": layers,
         "timings_s": dict(timings),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # worker 0's own
         "versions": {"dist_prune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "workers": workers.world_size},
-        "peak_rss_mib_note": "worker 0's own peak resident memory",
     }
 
 

@@ -5,10 +5,12 @@ layer: gather the layer, run the local sequences with hooks, sum the statistics 
 mask the local rows with the pure maths, gather the pruned layer to propagate and (worker 0) write it.
 """
 
+import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .assets import resolve_model
@@ -25,6 +27,7 @@ from .distributed import (
     input_stem,
     linear_weight_shards,
     load_sharded_model,
+    local_rows,
     local_share,
     plain_layer,
     shard_gradient_sums,
@@ -68,11 +71,13 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         rest = gather_non_layer_state(model)
         if eval_windows is not None:
             perplexities["pruned"] = _perplexity(model, eval_windows, workers, progress, "pruned_eval")
+        memory = worker_memory(model, workers)
         if writer is None:
             return None
         writer.write_rest({name: t.to(info.source_dtype) for name, t in rest.items()})
         progress.timings["total"] = round(time.perf_counter() - started, 3)
         report = build_report(config, info, layers, perplexities, eval_windows, windows, progress.timings, workers)
+        report["workers"] = memory
         write_run_files(writer, config, report, windows)
         write_report_markdown(writer.partial, report)
         writer.copy_from_source(info.path)
@@ -167,6 +172,21 @@ def _prune_layer_rows(model, index, stats, sums, config, info, workers) -> dict[
             gradient, total = sum_across_workers([outcome.gradient_score_sum, outcome.score_sum], workers.device)
             notes[name]["gradient_share"] = gradient / total
     return notes
+
+
+def worker_memory(model: nn.Module, workers: Workers) -> list[dict]:
+    """Every worker's peak resident memory and the bytes of its weight shards, as seen by worker 0."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if workers.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(workers.device)
+    weights = sum(local_rows(p).tensor.numel() * local_rows(p).tensor.element_size() for p in model.parameters())
+    values = [0.0] * (2 * workers.world_size)
+    values[2 * workers.rank : 2 * workers.rank + 2] = [float(peak), float(weights)]
+    summed = sum_across_workers(values, workers.device)
+    return [
+        {"rank": rank, "peak_bytes": int(summed[2 * rank]), "weight_bytes": int(summed[2 * rank + 1])}
+        for rank in range(workers.world_size)
+    ]
 
 
 def _layer0_inputs(model: nn.Module, windows: Tensor, config: PruneConfig, workers: Workers) -> LayerInputs:

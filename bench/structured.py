@@ -1,0 +1,185 @@
+"""SAAP-style structured pruning of the real SmolLM2-135M against two baselines, with generation speed.
+
+At 20% and 50% of the decoder-layer parameters removed: SAAP-style (fused importance, adaptive per-module
+ratios), the uniform per-layer ratio with the same fused scores, and element-wise Taylor alone with uniform
+ratios (LLM-Pruner's choice). Each prune is its own process and measures perplexity before and after the
+recovery fine-tuning; greedy generation speed (tokens/s at batch 1 and 8) is measured in another process per
+model, dense included. Writes the `structured` section of bench/RESULTS.md.
+
+    python bench/structured.py [--nsamples 32] [--seqlen 256] [--recover-steps 40]
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import machine_line, run_child, write_section
+
+VARIANTS = [
+    ("SAAP-style (fused, adaptive)", ["--importance", "fused", "--allocation", "adaptive"]),
+    ("uniform ratio, fused scores", ["--importance", "fused", "--allocation", "uniform"]),
+    ("element-wise Taylor, uniform (LLM-Pruner)", ["--importance", "element", "--allocation", "uniform"]),
+]
+RATIOS = (0.2, 0.5)
+PROMPT_TOKENS = 32
+
+
+def prune_variant(args: argparse.Namespace, out: Path, ratio: float, flags: list[str]) -> dict:
+    wall, rss = run_child(
+        [
+            "prune",
+            "--method",
+            "saap",
+            "--model",
+            "smollm2-135m",
+            "--ratio",
+            str(ratio),
+            *flags,
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--batch-size",
+            str(args.batch_size),
+            "--eval-seqlen",
+            str(args.eval_seqlen),
+            "--eval-windows",
+            str(args.eval_windows),
+            "--recover-steps",
+            str(args.recover_steps),
+            "--recover-lr",
+            str(args.recover_lr),
+            "--stability-batches",
+            str(args.stability_batches),
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
+    )
+    report = json.loads((out / "prune_report.json").read_text())
+    return dict(report=report, wall=wall, rss=rss, speed=measure_speed(str(out), args.new_tokens))
+
+
+def measure_speed(model: str, new_tokens: int) -> dict:
+    """Generation speed in a fresh process, so that no two models share allocator state or threads."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--speed-of", model, "--new-tokens", str(new_tokens)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def speed_child(model: str, new_tokens: int) -> dict:
+    """tokens/s of greedy generation (fp32), exactly `new_tokens` per sequence, median of 3, after a warm-up."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dist_prune.assets import resolve_model
+
+    path = resolve_model(model)
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=True).eval()
+    result = {}
+    for batch in (1, 8):
+        prompt = torch.randint(
+            0, loaded.config.vocab_size, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
+        )
+        settings = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
+        loaded.generate(prompt, **dict(settings, min_new_tokens=4, max_new_tokens=4))  # warm-up
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            loaded.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+            seconds.append(time.perf_counter() - start)
+        result[f"batch{batch}"] = batch * new_tokens / statistics.median(seconds)
+    return result
+
+
+def dense_row(args: argparse.Namespace, rows: list[dict]) -> dict:
+    report = rows[0]["report"]
+    return dict(
+        params=report["parameters"]["model_before"],
+        ppl=report["perplexity"]["dense"],
+        speed=measure_speed("smollm2-135m", args.new_tokens),
+    )
+
+
+def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str) -> str:
+    s = rows[0]["report"]["config"]["structured"]
+    lines = [
+        "## Structured pruning (SAAP-style): SmolLM2-135M (real weights), one in-process worker",
+        "",
+        f"Machine: {machine_line()}.",
+        f"Command: `{command}`.",
+        f"Calibration: {args.nsamples} x {args.seqlen} tokens of the Wikipedia calibration split (seed 0), "
+        f"{args.stability_batches} stability batches. Evaluation: {args.eval_windows} windows of {args.eval_seqlen} "
+        f"tokens of the held-out split. Protected layers: the first {s['protect_first']} and the last "
+        f"{s['protect_last']}. GQA mode: {rows[0]['report']['gqa_mode']}.",
+        f"Recovery: {args.recover_steps} steps of rank-8 adapters, lr {args.recover_lr}, batches of "
+        f"{args.batch_size} calibration windows, attention and MLP adapters alternating; merged before saving.",
+        f"Speed: greedy `generate`, fp32, prompt {PROMPT_TOKENS} tokens, exactly {args.new_tokens} new tokens per "
+        "sequence, median of 3 after a warm-up, each model in a fresh process.",
+        "Reduction is of decoder-layer parameters (the target); `params` counts the whole model (tied embeddings once).",
+        "",
+        "| variant | target | params | reduction | ppl pruned | ppl recovered | tok/s b1 | tok/s b8 | speed-up b1 / b8 | prune wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | - | {dense['params'] / 1e6:.1f}M | - | {dense['ppl']:.2f} | - | {dense['speed']['batch1']:.1f} "
+        f"| {dense['speed']['batch8']:.1f} | 1.00x / 1.00x | - |",
+    ]
+    for row in rows:
+        r, ppl, speed = row["report"], row["report"]["perplexity"], row["speed"]
+        before = ppl.get("before_recovery", ppl["pruned"])
+        recovered = f"{ppl['pruned']:.2f}" if "before_recovery" in ppl else "-"
+        ups = f"{speed['batch1'] / dense['speed']['batch1']:.2f}x / {speed['batch8'] / dense['speed']['batch8']:.2f}x"
+        lines.append(
+            f"| {row['variant']} | {row['ratio']:.0%} | {r['parameters']['model_after'] / 1e6:.1f}M "
+            f"| {r['total_sparsity']:.2%} | {before:.2f} | {recovered} | {speed['batch1']:.1f} | {speed['batch8']:.1f} "
+            f"| {ups} | {row['wall']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    workdir = Path(args.workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    rows = []
+    for ratio in RATIOS:
+        for number, (variant, flags) in enumerate(VARIANTS):
+            out = workdir / f"r{int(ratio * 100)}-v{number}"
+            rows.append(dict(prune_variant(args, out, ratio, flags), variant=variant, ratio=ratio))
+            print(variant, ratio, rows[-1]["report"]["perplexity"], rows[-1]["speed"], flush=True)
+            shutil.rmtree(out)
+    return dense_row(args, rows), rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-seqlen", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--recover-steps", type=int, default=40)
+    parser.add_argument("--recover-lr", type=float, default=1e-3)
+    parser.add_argument("--stability-batches", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--workdir", default="bench/out/structured")
+    parser.add_argument("--speed-of", help=argparse.SUPPRESS)  # child mode: measure one model's speed
+    args = parser.parse_args()
+    if args.speed_of:
+        print(json.dumps(speed_child(args.speed_of, args.new_tokens)))
+        return
+    dense, rows = run(args)
+    command = ("python bench/structured.py " + " ".join(sys.argv[1:])).strip()
+    write_section("structured", render(args, dense, rows, command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Per-module pruning amounts that remove a total number of parameters, uniformly or adaptively.
+
+A module is the attention or the MLP of one unprotected layer. Adaptive: its ratio is proportional to its
+importance instability relative to the other modules of the same kind (the least stable structures go
+first), r_l = min(cap_l, lam * u_l / mean_kind(u)), with lam solved so that the removed parameters equal
+the target. Uniform: every module the same ratio. Then whole steps (groups.Steps): attention steps are coarse,
+so they are rounded to the nearest first, and the MLPs, whose steps are single channels, absorb the
+difference; the total misses the target by at most about one channel per module (uniform) or one channel
+overall (adaptive).
+"""
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .groups import ATTENTION, MLP, Steps
+
+BISECTION_ROUNDS = 100
+
+
+@dataclass(frozen=True)
+class Module:
+    layer: int
+    kind: str
+    steps: Steps
+    instability: float = 0.0
+
+    @property
+    def capacity(self) -> int:
+        """Parameters removed if every removable step goes."""
+        return self.steps.removable * self.steps.params
+
+
+def allocate(modules: list[Module], target_params: int, adaptive: bool) -> list[int]:
+    """Steps removed per module (same order as `modules`), removing about `target_params` parameters."""
+    check_capacity(modules, target_params)
+    weights = instability_weights(modules) if adaptive else [1.0] * len(modules)
+    ratios = solve_ratios(modules, weights, target_params)
+    counts = [0] * len(modules)
+    attention = [i for i, m in enumerate(modules) if m.kind == ATTENTION]
+    for i in attention:
+        counts[i] = min(modules[i].steps.removable, round(ratios[i] * modules[i].steps.count))
+    left = target_params - sum(counts[i] * modules[i].steps.params for i in attention)
+    mlp = [i for i, m in enumerate(modules) if m.kind == MLP]
+    mlp_counts = mlp_steps([modules[i] for i in mlp], [weights[i] for i in mlp], left, equal=not adaptive)
+    for i, count in zip(mlp, mlp_counts, strict=True):
+        counts[i] = count
+    return counts
+
+
+def check_capacity(modules: list[Module], target_params: int) -> None:
+    capacity = sum(m.capacity for m in modules)
+    if target_params > capacity:
+        raise ConfigError(
+            f"cannot remove {target_params:,} parameters: the unprotected layers hold only {capacity:,} removable "
+            "(lower the ratio or protect fewer layers)"
+        )
+
+
+def instability_weights(modules: list[Module]) -> list[float]:
+    """u_l / mean(u) over the modules of the same kind; all ones for a kind with no instability at all."""
+    weights = []
+    for m in modules:
+        same_kind = [other.instability for other in modules if other.kind == m.kind]
+        mean = sum(same_kind) / len(same_kind)
+        weights.append(m.instability / mean if mean > 0 else 1.0)
+    return weights
+
+
+def solve_ratios(modules: list[Module], weights: list[float], target_params: int) -> list[float]:
+    """r_l = min(cap_l, lam * w_l) with sum_l r_l * count_l * params_l = target (bisection on lam)."""
+
+    def ratios(lam: float) -> list[float]:
+        return [min(m.steps.removable / m.steps.count, lam * w) for m, w in zip(modules, weights, strict=True)]
+
+    def removed(lam: float) -> float:
+        return sum(r * m.steps.count * m.steps.params for r, m in zip(ratios(lam), modules, strict=True))
+
+    low, high = 0.0, 1.0
+    while removed(high) < target_params and high < 1e12:
+        high *= 2
+    for _ in range(BISECTION_ROUNDS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed(middle) < target_params else (low, middle)
+    return ratios(high)
+
+
+def mlp_steps(modules: list[Module], weights: list[float], target_params: int, equal: bool) -> list[int]:
+    """MLP channels removed per module, removing as close to `target_params` as whole channels allow.
+
+    equal: the same count everywhere (uniform layers stay identical); otherwise proportional to `weights`,
+    floored, and the missing channels go to the largest remainders (Hamilton's apportionment).
+    """
+    if not modules or target_params <= 0:
+        return [0] * len(modules)
+    params = modules[0].steps.params  # one channel: a gate row, an up row and a down column, all layers alike
+    if equal:
+        count = min(min(m.steps.removable for m in modules), round(target_params / (params * len(modules))))
+        return [count] * len(modules)
+    ideal = [r * m.steps.count for r, m in zip(solve_ratios(modules, weights, target_params), modules, strict=True)]
+    counts = [math.floor(x) for x in ideal]
+    missing = round(target_params / params) - sum(counts)
+    by_remainder = sorted(range(len(modules)), key=lambda i: counts[i] - ideal[i])  # largest remainder first
+    for i in [i for i in by_remainder if counts[i] < modules[i].steps.removable][: max(missing, 0)]:
+        counts[i] += 1
+    return counts
