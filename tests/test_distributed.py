@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import write_tiny_llama
+from reference import gradient_pass
 from safetensors.torch import load_file, save_file
 
-from dist_prune.gradients import gradient_pass
 from dist_prune.layerwise import capture_layer_inputs, run_layer
 from dist_prune.methods.masks import prune_lowest_in_matrix
 from dist_prune.methods.sparsegpt import sparsegpt_prune

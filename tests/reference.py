@@ -1,0 +1,53 @@
+"""Single-process reference implementations the engine is tested against (not used by the package)."""
+
+import torch
+from torch import Tensor, nn
+
+from dist_prune.gradients import decoder_linear_weights
+from dist_prune.methods.scores import accumulate_sample_gradient
+
+
+def gradient_pass(
+    model: nn.Module, windows: Tensor, scale: float, norm: str, checkpointing: bool = False, progress=None
+) -> dict[str, Tensor]:
+    """sum_n (scale * g_n)^2 (l2) or sum_n |scale * g_n| (l1) per weight, fp32; windows: (N, T).
+
+    With `checkpointing`, each decoder layer's activations are recomputed in backward instead of kept
+    (transformers only checkpoints in training mode; LLaMA has no dropout, so the maths is unchanged).
+    """
+    targets = decoder_linear_weights(model)
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in targets.items()}
+    previous = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = []
+    for name, param in targets.items():
+        param.requires_grad_(True)
+        handles.append(param.register_post_accumulate_grad_hook(_accumulator(sums[name], scale, norm)))
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    try:
+        for sequence in windows:
+            tokens = sequence[None, :].to(model.device)  # batch of one: per-sample gradients
+            model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+            if progress is not None:
+                progress()
+    finally:
+        if checkpointing:
+            model.activation_checkpointing_disable()
+            model.eval()
+        for handle in handles:
+            handle.remove()
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return sums
+
+
+def _accumulator(acc: Tensor, scale: float, norm: str):
+    def hook(param: Tensor) -> None:
+        accumulate_sample_gradient(acc, param.grad, scale, norm)
+        param.grad = None  # the next sequence must start from zero, and memory is freed at once
+
+    return hook
