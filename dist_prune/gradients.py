@@ -58,10 +58,10 @@ def load_gradient_sums(
         return {} if headers_only else {name: f.get_tensor(name) for name in f.keys()}
 
 
-def check_gradient_sums(sums: dict[str, Tensor], model: nn.Module) -> None:
-    """Saved sums must cover exactly this model's decoder Linears, with the same shapes."""
+def check_gradient_sums(shapes: dict[str, tuple[int, ...]], model: nn.Module) -> None:
+    """Saved sums (name -> shape) must cover exactly this model's decoder Linears, with the same shapes."""
     expected = {name: tuple(p.shape) for name, p in decoder_linear_weights(model).items()}
-    found = {name: tuple(t.shape) for name, t in sums.items()}
+    found = {name: tuple(shape) for name, shape in shapes.items()}
     if found != expected:
         missing = sorted(set(expected) - set(found))[:3]
         raise ConfigError(f"saved gradients do not match this model (missing or misshapen: {missing or 'shapes'})")

@@ -30,12 +30,12 @@ from .distributed import (
     local_rows,
     local_share,
     plain_layer,
-    shard_gradient_sums,
+    read_gradient_rows,
     sharded_gradient_pass,
 )
 from .distributed.collectives import sum_across_workers
 from .distributed.evaluation import evaluation_steps, sharded_perplexity
-from .gradients import check_gradient_sums, load_gradient_sums, save_gradient_sums
+from .gradients import load_gradient_sums, save_gradient_sums
 from .layerwise import LINEAR_INPUT_OWNER, LayerInputs, capture_layer_inputs, collect_input_statistics, run_layer
 from .log import get_logger
 from .methods import NEEDS_ACTIVATIONS, NEEDS_HESSIAN, prune_weight
@@ -57,7 +57,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         tokenizer = load_tokenizer(info.path)
         windows = calibration_windows(config, tokenizer) if NEEDS_ACTIVATIONS[method] else None
         eval_windows = _evaluation_windows(config, tokenizer) if config.evaluation.eval_after else None
-    saved = _saved_gradients(config)
+    saved = _saved_gradients(config)  # checked before any weight is read; rows are read after loading
     writer = CheckpointWriter(Path(config.out), info.num_layers, config.runtime.overwrite) if workers.is_main else None
     with writer or nullcontext():
         with progress.phase("load"):
@@ -103,8 +103,7 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
 def _gradient_sums(model, windows, config: PruneConfig, workers: Workers, progress: Progress, saved):
     """This worker's rows of the GBLM gradient sums: from a saved file, or from a new gradient pass."""
     if saved is not None:
-        check_gradient_sums(saved, model)
-        return shard_gradient_sums(model, saved)
+        return read_gradient_rows(saved, model)
     return _gradient_pass(model, windows, config, workers, progress) if config.prune.method == "gblm" else None
 
 
@@ -224,9 +223,10 @@ def _evaluation_windows(config: PruneConfig, tokenizer) -> Tensor:
     return evaluation_windows(tokenize(tokenizer, load_text(e.eval_text, "evaluation")), e.eval_seqlen, e.eval_windows)
 
 
-def _saved_gradients(config: PruneConfig) -> dict[str, Tensor] | None:
-    p = config.prune
+def _saved_gradients(config: PruneConfig) -> Path | None:
+    """A gradients file made for this run's scale, norm and calibration size (its headers are checked)."""
+    p, c = config.prune, config.calibration
     if p.method != "gblm" or not p.gradients:
         return None
-    c = config.calibration
-    return load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen)
+    load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen, headers_only=True)
+    return Path(p.gradients)

@@ -2,7 +2,7 @@
 and the few cross-worker reductions. The maths in `dist_prune.methods` never imports torch.distributed."""
 
 from .collectives import ShardSelector, all_reduce_layer_statistics, all_reduce_statistics, select_lowest_global
-from .grad_pass import gather_gradient_sums, shard_gradient_sums, sharded_gradient_pass
+from .grad_pass import gather_gradient_sums, read_gradient_rows, sharded_gradient_pass
 from .process_group import Workers, free_port, init_from_env, init_workers, local_share, teardown
 from .sharded_model import (
     RowShard,
@@ -36,7 +36,7 @@ __all__ = [
     "local_share",
     "plain_layer",
     "select_lowest_global",
-    "shard_gradient_sums",
+    "read_gradient_rows",
     "sharded_gradient_pass",
     "teardown",
 ]
