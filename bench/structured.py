@@ -6,7 +6,7 @@ ratios (LLM-Pruner's choice). Each prune is its own process and measures perplex
 recovery fine-tuning; greedy generation speed (tokens/s at batch 1 and 8) is measured in another process per
 model, dense included. Writes the `structured` section of bench/RESULTS.md.
 
-    python bench/structured.py [--nsamples 32] [--seqlen 256] [--recover-steps 40]
+    python bench/structured.py [--nsamples 32] [--seqlen 128] [--recover-steps 40] [--threads N]
 """
 
 import argparse
@@ -30,45 +30,34 @@ PROMPT_TOKENS = 32
 
 
 def prune_variant(args: argparse.Namespace, out: Path, ratio: float, flags: list[str]) -> dict:
+    settings = {
+        "ratio": ratio,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "batch-size": args.batch_size,
+        "eval-seqlen": args.eval_seqlen,
+        "eval-windows": args.eval_windows,
+        "recover-steps": args.recover_steps,
+        "recover-lr": args.recover_lr,
+        "stability-batches": args.stability_batches,
+        "out": out,
+    }
+    options = [item for name, value in settings.items() for item in (f"--{name}", str(value))]
     wall, rss = run_child(
-        [
-            "prune",
-            "--method",
-            "saap",
-            "--model",
-            "smollm2-135m",
-            "--ratio",
-            str(ratio),
-            *flags,
-            "--nsamples",
-            str(args.nsamples),
-            "--seqlen",
-            str(args.seqlen),
-            "--batch-size",
-            str(args.batch_size),
-            "--eval-seqlen",
-            str(args.eval_seqlen),
-            "--eval-windows",
-            str(args.eval_windows),
-            "--recover-steps",
-            str(args.recover_steps),
-            "--recover-lr",
-            str(args.recover_lr),
-            "--stability-batches",
-            str(args.stability_batches),
-            "--out",
-            str(out),
-            "--overwrite",
-        ]
+        ["prune", "--method", "saap", "--model", "smollm2-135m", *flags, *options, *thread_flags(args), "--overwrite"]
     )
     report = json.loads((out / "prune_report.json").read_text())
-    return dict(report=report, wall=wall, rss=rss, speed=measure_speed(str(out), args.new_tokens))
+    return dict(report=report, wall=wall, rss=rss, speed=measure_speed(str(out), args))
 
 
-def measure_speed(model: str, new_tokens: int) -> dict:
+def thread_flags(args: argparse.Namespace) -> list[str]:
+    return ["--threads", str(args.threads)] if args.threads else []
+
+
+def measure_speed(model: str, args: argparse.Namespace) -> dict:
     """Generation speed in a fresh process, so that no two models share allocator state or threads."""
     out = subprocess.run(
-        [sys.executable, __file__, "--speed-of", model, "--new-tokens", str(new_tokens)],
+        [sys.executable, __file__, "--speed-of", model, "--new-tokens", str(args.new_tokens), *thread_flags(args)],
         check=True,
         capture_output=True,
         text=True,
@@ -76,38 +65,30 @@ def measure_speed(model: str, new_tokens: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def speed_child(model: str, new_tokens: int) -> dict:
+def speed_child(model: str, new_tokens: int, threads: int | None) -> dict:
     """tokens/s of greedy generation (fp32), exactly `new_tokens` per sequence, median of 3, after a warm-up."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dist_prune.assets import resolve_model
 
+    if threads:
+        torch.set_num_threads(threads)
     path = resolve_model(model)
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=True).eval()
     result = {}
     for batch in (1, 8):
-        prompt = torch.randint(
-            0, loaded.config.vocab_size, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
-        )
-        settings = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
-        loaded.generate(prompt, **dict(settings, min_new_tokens=4, max_new_tokens=4))  # warm-up
+        generator = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, loaded.config.vocab_size, (batch, PROMPT_TOKENS), generator=generator)
+        settings = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0)
+        loaded.generate(prompt, min_new_tokens=4, max_new_tokens=4, **settings)  # warm-up
         seconds = []
         for _ in range(3):
             start = time.perf_counter()
-            loaded.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+            loaded.generate(prompt, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **settings)
             seconds.append(time.perf_counter() - start)
         result[f"batch{batch}"] = batch * new_tokens / statistics.median(seconds)
     return result
-
-
-def dense_row(args: argparse.Namespace, rows: list[dict]) -> dict:
-    report = rows[0]["report"]
-    return dict(
-        params=report["parameters"]["model_before"],
-        ppl=report["perplexity"]["dense"],
-        speed=measure_speed("smollm2-135m", args.new_tokens),
-    )
 
 
 def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str) -> str:
@@ -115,7 +96,7 @@ def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str
     lines = [
         "## Structured pruning (SAAP-style): SmolLM2-135M (real weights), one in-process worker",
         "",
-        f"Machine: {machine_line()}.",
+        f"Machine: {machine_line()}; children ran with {args.threads or 'the default number of'} torch threads.",
         f"Command: `{command}`.",
         f"Calibration: {args.nsamples} x {args.seqlen} tokens of the Wikipedia calibration split (seed 0), "
         f"{args.stability_batches} stability batches. Evaluation: {args.eval_windows} windows of {args.eval_seqlen} "
@@ -149,6 +130,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    dense_speed = measure_speed("smollm2-135m", args)
     rows = []
     for ratio in RATIOS:
         for number, (variant, flags) in enumerate(VARIANTS):
@@ -156,25 +138,28 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             rows.append(dict(prune_variant(args, out, ratio, flags), variant=variant, ratio=ratio))
             print(variant, ratio, rows[-1]["report"]["perplexity"], rows[-1]["speed"], flush=True)
             shutil.rmtree(out)
-    return dense_row(args, rows), rows
+    first = rows[0]["report"]
+    dense = dict(params=first["parameters"]["model_before"], ppl=first["perplexity"]["dense"], speed=dense_speed)
+    return dense, rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--recover-steps", type=int, default=40)
     parser.add_argument("--recover-lr", type=float, default=1e-3)
     parser.add_argument("--stability-batches", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every child (default: torch's)")
     parser.add_argument("--workdir", default="bench/out/structured")
     parser.add_argument("--speed-of", help=argparse.SUPPRESS)  # child mode: measure one model's speed
     args = parser.parse_args()
     if args.speed_of:
-        print(json.dumps(speed_child(args.speed_of, args.new_tokens)))
+        print(json.dumps(speed_child(args.speed_of, args.new_tokens, args.threads)))
         return
     dense, rows = run(args)
     command = ("python bench/structured.py " + " ".join(sys.argv[1:])).strip()

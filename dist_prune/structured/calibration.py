@@ -112,7 +112,7 @@ def _accumulator(grad_sum: Tensor, fisher: Tensor):
     def hook(param: Tensor) -> None:
         g = param.grad.float()
         grad_sum.add_(g)
-        fisher.add_(g.square())
+        fisher.addcmul_(g, g)  # g^2 without a temporary
         param.grad = None  # the next sequence starts from zero, and the memory is freed at once
 
     return hook
