@@ -44,6 +44,10 @@ def run_job(job: str, config: PruneConfig, workers, progress: Progress):
 
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
+    if job == "prune" and config.prune.method == "saap":
+        from .structured.pipeline import prune_structured_on_worker
+
+        return prune_structured_on_worker(config, workers, progress)
     if job == "prune":
         return prune_on_worker(config, workers, progress)
     return gradients_on_worker(config, Path(config.out), workers, progress)

@@ -17,6 +17,7 @@ from .errors import CheckpointError, ConfigError
 FP32 = 4
 # Interpreter, torch and transformers, measured on the CPU machines here (resident after import).
 RUNTIME_BASELINE = 450 * 2**20
+HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 # Activations autograd keeps per token and layer for one backward, in units of hidden / intermediate size:
 # norms, q/k/v and their rotated copies, attention output, residuals (~10 x hidden); gate, up, act, product.
 SAVED_PER_TOKEN_HIDDEN = 10
@@ -85,18 +86,32 @@ class MemoryPlan:
         return dict(asdict(self), peak=self.peak, fits=self.fits)
 
 
-def plan_memory(config: PruneConfig, model_config: dict, limit: int | None = None) -> MemoryPlan:
+def plan_memory(
+    config: PruneConfig, model_config: dict, limit: int | None = None, largest_file: int | None = None
+) -> MemoryPlan:
+    """`largest_file`: bytes of the checkpoint's largest safetensors file (HF's default 5 GB shard if unknown)."""
     shape = ModelShape.from_config(model_config)
     w = config.runtime.workers
     method = config.prune.method
     c = config.calibration
     sequences = -(-c.nsamples // w)  # the largest share when N does not divide evenly
-    phases = {"load": _gathered_layer(shape)}
-    if method in ("gblm", "saap"):
-        phases["gradient_pass"] = _gradient_pass(shape, w, c.seqlen, config.runtime.activation_checkpointing)
-    if method != "magnitude":
+    checkpointing = config.runtime.activation_checkpointing
+    source_bytes = shape.total_params * _dtype_bytes(model_config)
+    # Loading reads this worker's rows through mmap, one file at a time: those pages count as resident
+    # until the file is closed.
+    phases = {"load": min(largest_file or HF_SHARD_BYTES, source_bytes) // w}
+    if method == "gblm":
+        phases["gradient_pass"] = _gradient_pass(shape, w, c.seqlen, checkpointing, sum_sets=1)
+    if method == "saap":
+        # plain and squared sums, for the batch and the running totals, and the plain reduce-scatter buffers
+        phases["gradient_pass"] = _gradient_pass(shape, w, c.seqlen, checkpointing, sum_sets=5)
+        phases.update(_structured_phases(shape, w, config))
+    elif method != "magnitude":
         phases["layer_loop"] = _layer_loop(shape, method, sequences, c.seqlen, c.batch_size)
-    phases["write"] = _gathered_layer(shape)
+    # Every worker gathers the embeddings, final norm and lm_head in fp32 at the end; worker 0 converts them
+    # to the saved dtype to write them.
+    rest = (shape.total_params - shape.layers * shape.layer_params) * (FP32 + _dtype_bytes(model_config))
+    phases["write"] = max(_gathered_layer(shape), rest)
     return MemoryPlan(
         workers=w,
         parameters=shape.total_params,
@@ -112,20 +127,45 @@ def _gathered_layer(shape: ModelShape) -> int:
     return 2 * shape.layer_params * FP32
 
 
-def _gradient_pass(shape: ModelShape, workers: int, seqlen: int, checkpointing: bool) -> int:
-    decoder_linear = shape.layers * shape.layer_linear_params
-    sums = -(-decoder_linear * FP32 // workers)  # fp32 sums, sharded
-    sharded_grads = sums  # FSDP's sharded .grad between reduce-scatters
+def _gradient_pass(shape: ModelShape, workers: int, seqlen: int, checkpointing: bool, sum_sets: int) -> int:
+    sharded_sums = -(-shape.layers * shape.layer_linear_params * FP32 // workers)  # one fp32 set, sharded
+    sharded_grads = sharded_sums  # FSDP's sharded .grad between reduce-scatters
     unsharded_layer_grad = shape.layer_linear_params * FP32
-    per_layer = seqlen * (SAVED_PER_TOKEN_HIDDEN * shape.hidden + SAVED_PER_TOKEN_MLP * shape.mlp) * FP32
+    backward = _backward_activations(shape, seqlen, checkpointing)
+    return sum_sets * sharded_sums + sharded_grads + unsharded_layer_grad + backward + _gathered_layer(shape)
+
+
+def _backward_activations(shape: ModelShape, tokens: int, checkpointing: bool) -> int:
+    per_layer = tokens * (SAVED_PER_TOKEN_HIDDEN * shape.hidden + SAVED_PER_TOKEN_MLP * shape.mlp) * FP32
     # With checkpointing only each layer's input survives the forward; one layer is recomputed at a time.
-    saved = shape.layers * seqlen * shape.hidden * FP32 + per_layer if checkpointing else shape.layers * per_layer
-    logits = 3 * seqlen * shape.vocab * FP32  # logits, log-softmax, their gradient
-    return sums + sharded_grads + unsharded_layer_grad + saved + logits + _gathered_layer(shape)
+    saved = shape.layers * tokens * shape.hidden * FP32 + per_layer if checkpointing else shape.layers * per_layer
+    logits = 3 * tokens * shape.vocab * FP32  # logits, log-softmax, their gradient
+    return saved + logits
+
+
+def _structured_phases(shape: ModelShape, workers: int, config: PruneConfig) -> dict[str, int]:
+    """The smaller sharded model is filled while the original still exists; recovery trains with batches."""
+    s, c = config.structured, config.calibration
+    smaller = -(-int((1 - s.ratio) * shape.layers * shape.layer_params * FP32) // workers)
+    phases = {"rebuild_smaller": smaller + _gathered_layer(shape)}
+    if s.recover_steps:
+        sequences = -(-c.batch_size // workers)
+        q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        sides = 4 * shape.hidden + 2 * q + 2 * kv + 3 * (shape.hidden + shape.mlp)  # in + out of the 7 Linears
+        adapters = 4 * s.recover_rank * sides * shape.layers * FP32  # A and B, their grads, AdamW's two states
+        backward = _backward_activations(shape, sequences * c.seqlen, checkpointing=False)
+        phases["recovery"] = adapters + backward + _gathered_layer(shape)  # the original model is gone by then
+    return phases
+
+
+def _dtype_bytes(model_config: dict) -> int:
+    name = model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
+    return 2 if name in ("bfloat16", "float16") else 4
 
 
 def _layer_loop(shape: ModelShape, method: str, sequences: int, seqlen: int, batch: int) -> int:
     hidden_states = 2 * sequences * seqlen * shape.hidden * FP32  # this layer's inputs and outputs
+    stem = shape.vocab * shape.hidden * FP32  # the full embedding, while computing layer 0's inputs
     batch_tokens = min(batch, sequences) * seqlen
     transient = batch_tokens * (4 * shape.hidden + 3 * shape.mlp) * FP32
     stats = 0
@@ -135,7 +175,7 @@ def _layer_loop(shape: ModelShape, method: str, sequences: int, seqlen: int, bat
         stats += 2 * shape.hidden * shape.mlp * FP32  # the fp32 working copy of the widest weight
     else:
         stats = 3 * shape.hidden * shape.mlp * FP32  # score and mask of the widest weight
-    return hidden_states + transient + stats + _gathered_layer(shape)
+    return hidden_states + max(stem, transient + stats + _gathered_layer(shape))
 
 
 def available_memory(device: str) -> int | None:
@@ -158,7 +198,8 @@ def plan_for(config: PruneConfig, model_path: Path) -> MemoryPlan:
     model_config = json.loads(config_file.read_text())
     r = config.runtime
     limit = parse_bytes(r.device_memory) if r.device_memory else available_memory(r.device)
-    return plan_memory(config, model_config, limit)
+    files = list(model_path.glob("*.safetensors")) if model_path.is_dir() else []
+    return plan_memory(config, model_config, limit, max((f.stat().st_size for f in files), default=None))
 
 
 def check_fits(plan: MemoryPlan) -> None:

@@ -21,12 +21,13 @@ from .progress import Progress
 
 def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
     """Prune with the configured launcher; returns the report (None on torchrun ranks other than 0)."""
-    if config.prune.method == "saap":  # structured pruning is its own in-process job (imported when used)
-        from .structured.pipeline import prune_structured
+    if config.prune.method == "saap":
+        from .structured.pipeline import check_structured  # imported when used: it loads transformers
 
-        return prune_structured(config, progress)
-    info = inspect_checkpoint(resolve_model(config.model))
-    check_pattern_fits(info, config.nm)
+        info = check_structured(config)
+    else:
+        info = inspect_checkpoint(resolve_model(config.model))
+        check_pattern_fits(info, config.nm)
     check_fits(plan_for(config, info.path))
     if Path(config.out).exists() and not config.runtime.overwrite:
         raise ConfigError(f"output {config.out} already exists (pass --overwrite to replace it)")

@@ -6,6 +6,7 @@ a total, whatever the number of workers.
 """
 
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,9 @@ class Progress:
         self.stream = stream or sys.stderr
         self.sink = sink
         self.timings: dict[str, float] = {}
+        # This process's peak resident bytes when each phase ended: where the peak rose says which phase
+        # set it (the memory plan's phases, measured).
+        self.host_peaks: dict[str, int] = {}
         self._replayed_bars: dict[str, tqdm] = {}
 
     def add_time(self, name: str, seconds: float) -> None:
@@ -54,6 +58,7 @@ class Progress:
             if bar is not None:
                 bar.close()
             self.add_time(name, time.perf_counter() - start)
+            self.host_peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self._event("end", name, done, total, start)
 
     def _event(self, kind: str, name: str, done: int, total: int | None, start: float) -> None:

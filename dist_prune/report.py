@@ -282,14 +282,21 @@ def build_report(
         "total_sparsity": zeros / numel,
         "pruned_weights": zeros,
         "decoder_linear_weights": numel,
-        "perplexity": _perplexity_entry(perplexities, eval_windows, config),
+        "perplexity": perplexity_entry(perplexities, eval_windows, config),
         "sparsegpt_damping_retries": retried,
         "gblm_gradient_share": _mean_gradient_share(layers),
         "layers": layers,
         "timings_s": dict(timings),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # worker 0's own
+        **run_environment(workers.world_size),
+    }
+
+
+def run_environment(world_size: int) -> dict:
+    """Versions, machine, and worker 0's own peak resident memory (every worker's is under "workers")."""
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "versions": {"dist_prune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "workers": workers.world_size},
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "workers": world_size},
     }
 
 
@@ -299,7 +306,7 @@ def _mean_gradient_share(layers: list[dict]) -> float | None:
     return sum(shares) / len(shares) if shares else None
 
 
-def _perplexity_entry(perplexities: dict, eval_windows: Tensor | None, config: PruneConfig) -> dict | None:
+def perplexity_entry(perplexities: dict, eval_windows: Tensor | None, config: PruneConfig) -> dict | None:
     if eval_windows is None:
         return None
     e = config.evaluation

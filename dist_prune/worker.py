@@ -18,6 +18,7 @@ from .checkpoint import CheckpointInfo, inspect_checkpoint, load_tokenizer
 from .config import PruneConfig
 from .data import calibration_windows, evaluation_windows, load_text, tokenize
 from .distributed import (
+    GradientRequest,
     ShardSelector,
     Workers,
     all_reduce_layer_statistics,
@@ -56,7 +57,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
     with progress.phase("tokenize"):
         tokenizer = load_tokenizer(info.path)
         windows = calibration_windows(config, tokenizer) if NEEDS_ACTIVATIONS[method] else None
-        eval_windows = _evaluation_windows(config, tokenizer) if config.evaluation.eval_after else None
+        eval_windows = evaluation_set(config, tokenizer) if config.evaluation.eval_after else None
     saved = _saved_gradients(config)  # checked before any weight is read; rows are read after loading
     writer = CheckpointWriter(Path(config.out), info.num_layers, config.runtime.overwrite) if workers.is_main else None
     with writer or nullcontext():
@@ -64,14 +65,14 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
             model = load_sharded_model(info.path, workers)
         perplexities = {}
         if eval_windows is not None:
-            perplexities["dense"] = _perplexity(model, eval_windows, workers, progress, "dense_eval")
+            perplexities["dense"] = measure_perplexity(model, eval_windows, workers, progress, "dense_eval")
         sums = _gradient_sums(model, windows, config, workers, progress, saved)
         with progress.phase("layers", total=info.num_layers) as advance:
             layers = prune_layers(model, windows, config, info, workers, writer, sums, progress, advance)
         rest = gather_non_layer_state(model)
         if eval_windows is not None:
-            perplexities["pruned"] = _perplexity(model, eval_windows, workers, progress, "pruned_eval")
-        memory = worker_memory(model, workers)
+            perplexities["pruned"] = measure_perplexity(model, eval_windows, workers, progress, "pruned_eval")
+        memory = worker_memory(model, workers, progress)
         if writer is None:
             return None
         writer.write_rest({name: t.to(info.source_dtype) for name, t in rest.items()})
@@ -110,10 +111,11 @@ def _gradient_sums(model, windows, config: PruneConfig, workers: Workers, progre
 def _gradient_pass(model, windows, config: PruneConfig, workers: Workers, progress: Progress) -> dict[str, Tensor]:
     p = config.prune
     steps = len(local_share(windows.shape[0], 0, workers.world_size))
+    request = GradientRequest(scale=p.gblm_scale, norm=p.gblm_norm)
     with progress.phase("gradients", total=steps) as advance:
         return sharded_gradient_pass(
-            model, windows, workers, p.gblm_scale, p.gblm_norm, config.runtime.activation_checkpointing, advance
-        )
+            model, windows, workers, request, config.runtime.activation_checkpointing, advance
+        ).power
 
 
 def prune_layers(
@@ -173,17 +175,26 @@ def _prune_layer_rows(model, index, stats, sums, config, info, workers) -> dict[
     return notes
 
 
-def worker_memory(model: nn.Module, workers: Workers) -> list[dict]:
-    """Every worker's peak resident memory and the bytes of its weight shards, as seen by worker 0."""
+def worker_memory(model: nn.Module, workers: Workers, progress: Progress) -> list[dict]:
+    """Every worker's peak memory, its host peak after each phase so far, and the bytes of its weight shards,
+    as seen by worker 0 (a collective)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if workers.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(workers.device)
     weights = sum(local_rows(p).tensor.numel() * local_rows(p).tensor.element_size() for p in model.parameters())
-    values = [0.0] * (2 * workers.world_size)
-    values[2 * workers.rank : 2 * workers.rank + 2] = [float(peak), float(weights)]
+    phases = list(progress.host_peaks)  # every worker runs the same phases in the same order
+    mine = [float(peak), float(weights), *(float(progress.host_peaks[phase]) for phase in phases)]
+    width = len(mine)
+    values = [0.0] * (width * workers.world_size)
+    values[width * workers.rank : width * (workers.rank + 1)] = mine
     summed = sum_across_workers(values, workers.device)
     return [
-        {"rank": rank, "peak_bytes": int(summed[2 * rank]), "weight_bytes": int(summed[2 * rank + 1])}
+        {
+            "rank": rank,
+            "peak_bytes": int(summed[width * rank]),
+            "weight_bytes": int(summed[width * rank + 1]),
+            "host_peak_after_phase": {phase: int(summed[width * rank + 2 + i]) for i, phase in enumerate(phases)},
+        }
         for rank in range(workers.world_size)
     ]
 
@@ -211,14 +222,14 @@ def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict], s
     return {"layer": index, "sparsity": zeros / numel, "seconds": round(seconds, 3), "modules": modules}
 
 
-def _perplexity(model: nn.Module, windows: Tensor, workers: Workers, progress: Progress, phase: str) -> float:
+def measure_perplexity(model: nn.Module, windows: Tensor, workers: Workers, progress: Progress, phase: str) -> float:
     with progress.phase(phase, total=evaluation_steps(windows.shape[0], workers, EVAL_BATCH)) as advance:
         value = sharded_perplexity(model, windows, workers, EVAL_BATCH, advance)
-    log.info("%s perplexity %.3f", phase.split("_")[0], value)
+    log.info("%s perplexity %.3f", phase.removesuffix("_eval"), value)
     return value
 
 
-def _evaluation_windows(config: PruneConfig, tokenizer) -> Tensor:
+def evaluation_set(config: PruneConfig, tokenizer) -> Tensor:
     e = config.evaluation
     return evaluation_windows(tokenize(tokenizer, load_text(e.eval_text, "evaluation")), e.eval_seqlen, e.eval_windows)
 

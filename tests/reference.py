@@ -51,3 +51,29 @@ def _accumulator(acc: Tensor, scale: float, norm: str):
         param.grad = None  # the next sequence must start from zero, and memory is freed at once
 
     return hook
+
+
+def plain_and_input_sums(model: nn.Module, windows: Tensor, owners: list[str]) -> tuple[dict, dict]:
+    """sum_n g_n per decoder Linear weight (one backward per sequence), and sum_{n,t} x^2 of the inputs of
+    the named Linears ("model.layers.1.mlp.down_proj"), keyed by their weight names."""
+    targets = decoder_linear_weights(model)
+    plain = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in targets.items()}
+    inputs = {f"{owner}.weight": torch.zeros(model.get_submodule(owner).in_features) for owner in owners}
+
+    def hook(key: str):
+        def add(_module: nn.Module, args: tuple, _output: Tensor) -> None:  # returns None: output unchanged
+            inputs[key].add_(args[0].detach().square().sum(dim=(0, 1)))
+
+        return add
+
+    handles = [model.get_submodule(owner).register_forward_hook(hook(f"{owner}.weight")) for owner in owners]
+    try:
+        for sequence in windows:
+            tokens = sequence[None, :]
+            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+            for name, grad in zip(targets, torch.autograd.grad(loss, list(targets.values())), strict=True):
+                plain[name].add_(grad)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return plain, inputs

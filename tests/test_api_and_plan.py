@@ -85,6 +85,21 @@ def test_plan_divides_sharded_memory_by_workers():
     assert "gradient_pass" not in plan_memory(build_config({"prune": {"method": "wanda"}}), LLAMA2_70B).phases
 
 
+def test_plan_counts_structured_phases_and_the_loaded_files():
+    saap = {"method": "saap"}
+    plan = plan_memory(build_config({"prune": saap, "structured": {"recover_steps": 10}}), LLAMA2_70B)
+    assert {"gradient_pass", "rebuild_smaller", "recovery"} <= set(plan.phases)
+    assert "layer_loop" not in plan.phases
+    # five sharded fp32 sets of sums against GBLM's one
+    assert (
+        plan.phases["gradient_pass"]
+        > plan_memory(build_config({"prune": {"method": "gblm"}}), LLAMA2_70B).phases["gradient_pass"]
+    )
+    # loading maps this worker's rows of one file at a time
+    wanda = build_config({"prune": {"method": "wanda"}, "runtime": {"workers": 2}})
+    assert plan_memory(wanda, LLAMA2_70B, largest_file=4 * 10**9).phases["load"] == 2 * 10**9
+
+
 def test_prune_refuses_a_run_that_cannot_fit(tiny_llama, tmp_path, capsys):
     out = tmp_path / "refused"
     code = main(["prune", "--model", str(tiny_llama), "--out", str(out), "--device-memory", "100MB"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import write_tiny_llama
-from reference import gradient_pass
+from reference import gradient_pass, plain_and_input_sums
 from safetensors.torch import load_file, save_file
 
 from dist_prune.layerwise import capture_layer_inputs, run_layer
@@ -26,6 +26,7 @@ UNEVEN = dict(
     hidden_size=49, intermediate_size=71, num_attention_heads=7, num_key_value_heads=1, head_dim=8, vocab_size=1001
 )
 NSEQ, SEQLEN, SCALE = 5, 16, 100.0
+INPUT_OWNERS = ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 SPARSITY_RATIOS = (0.0, 0.3, 0.5, 0.77, 1.0)
 
 
@@ -72,7 +73,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         all_reduce_statistics,
         select_lowest_global,
     )
-    from dist_prune.distributed.grad_pass import gather_gradient_sums, sharded_gradient_pass
+    from dist_prune.distributed.grad_pass import GradientRequest, gather_gradient_sums, sharded_gradient_pass
     from dist_prune.distributed.process_group import init_workers, local_share, teardown
     from dist_prune.distributed.sharded_model import (
         gather_layer_state,
@@ -106,8 +107,18 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         result["layer0_out"] = (mine.start, run_layer(layer0, inputs).hidden[0])
 
         for norm in ("l2", "l1"):
-            sums = sharded_gradient_pass(tied, windows, workers, SCALE, norm)
-            result[f"grad_{norm}"] = gather_gradient_sums(tied, sums)
+            sums = sharded_gradient_pass(tied, windows, workers, GradientRequest(SCALE, norm))
+            result[f"grad_{norm}"] = gather_gradient_sums(tied, sums.power)
+        # structured pruning's request: plain sums too, input sums, one layer, with checkpointing
+        owners = tuple(o.removeprefix("model.layers.1.") for o in INPUT_OWNERS)
+        request = GradientRequest(plain=True, layers=(1,), input_owners=owners)
+        sums = sharded_gradient_pass(tied, windows, workers, request, checkpointing=True)
+        result["structured"] = {
+            "plain": gather_gradient_sums(tied, sums.plain),
+            "fisher": gather_gradient_sums(tied, sums.power),
+            "inputs": sums.input_sq,
+            "sequences": sums.sequences,
+        }
 
         for shard in linear_weight_shards(tied.model.layers[1]).values():
             shard.tensor.mul_(2.0)  # what writing pruned rows back does
@@ -190,6 +201,7 @@ def reference(data) -> dict:
         "grad_l2": gradient_pass(model, data["windows"], SCALE, "l2"),
         "grad_l1": gradient_pass(model, data["windows"], SCALE, "l1"),
         "layer0_out": run_layer(model.model.layers[0], inputs).hidden[0],
+        "structured": plain_and_input_sums(model, data["windows"], INPUT_OWNERS),
         "stats": (stats.sum_sq, stats.sum_xxt, stats.count),
     }
 
@@ -250,6 +262,22 @@ def test_grad_pass_equals_single_process(reference, results, norm):
         for name, tensor in got.items():
             assert tensor.dtype == torch.float32
             torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=0.0, msg=name)
+
+
+def test_structured_grad_pass_equals_single_process(reference, results):
+    """Plain and squared per-sample gradient sums of one layer, and input square sums counted once per
+    sequence although checkpointing recomputes every forward, at 1, 2 and 3 workers."""
+    plain, inputs = reference["structured"]
+    layer1 = {name for name in plain if name.startswith("model.layers.1.")}
+    for r in results:
+        got = r["structured"]
+        assert set(got["plain"]) == set(got["fisher"]) == layer1 and got["sequences"] == NSEQ
+        for name in layer1:
+            torch.testing.assert_close(got["plain"][name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(got["fisher"][name], reference["grad_l2"][name] / SCALE**2, rtol=1e-5, atol=0.0)
+        assert set(got["inputs"]) == set(inputs)
+        for name, tensor in inputs.items():
+            torch.testing.assert_close(got["inputs"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_global_selection_equals_full_matrix(data, results):

@@ -34,6 +34,9 @@ RUNS = {  # name -> prune settings; patterns need widths divisible by M (48 and 
     "gblm": {"method": "gblm"},
 }
 EXACT = {"magnitude-matrix", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4"}
+# Structured pruning on the same engine: sharded scores, a rebuilt smaller sharded model, sharded recovery.
+STRUCTURED = {"method": "saap"}
+STRUCTURED_SETTINGS = {"ratio": 0.3, "protect_first": 0, "protect_last": 1, "recover_steps": 2}
 CALIBRATION = {"nsamples": 5, "seqlen": 32, "seed": 0, "batch_size": 2}
 EVALUATION = {"eval_seqlen": 32, "eval_windows": 5}
 ENV = {"GLOO_SOCKET_IFNAME": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -50,6 +53,7 @@ def run_config(model: Path, out: Path, text: Path, settings: dict, **runtime):
             "model": str(model),
             "out": str(out),
             "prune": settings,
+            "structured": STRUCTURED_SETTINGS if settings == STRUCTURED else {},
             "calibration": dict(CALIBRATION, calib_source=str(text)),
             "evaluation": dict(EVALUATION, eval_text=str(text)),
             "runtime": runtime,
@@ -57,17 +61,21 @@ def run_config(model: Path, out: Path, text: Path, settings: dict, **runtime):
     )
 
 
+def all_runs() -> dict[str, dict]:
+    return dict(RUNS, saap=STRUCTURED)
+
+
 def _worker_main(rank: int, world: int, port: int, jobs: list) -> None:
     from dist_prune.distributed import init_workers, teardown
+    from dist_prune.launch import run_job
     from dist_prune.progress import Progress
-    from dist_prune.worker import prune_on_worker
 
     os.environ.update(ENV)
     torch.set_num_threads(1)
     workers = init_workers(rank, world, "127.0.0.1", port)
     try:
         for config in jobs:
-            prune_on_worker(config, workers, Progress("quiet"))
+            run_job("prune", config, workers, Progress("quiet"))
     finally:
         teardown()
 
@@ -85,11 +93,11 @@ def outputs(uneven_llama, text_file, tmp_path_factory) -> dict[int, Path]:
     from dist_prune import prune
 
     root = tmp_path_factory.mktemp("engine")
-    for name, settings in RUNS.items():
+    for name, settings in all_runs().items():
         prune(run_config(uneven_llama, root / "w1" / name, text_file, settings))
     for world in (2, 3):
         prune_on_workers(
-            world, [run_config(uneven_llama, root / f"w{world}" / n, text_file, s) for n, s in RUNS.items()]
+            world, [run_config(uneven_llama, root / f"w{world}" / n, text_file, s) for n, s in all_runs().items()]
         )
     return {world: root / f"w{world}" for world in (1, 2, 3)}
 
@@ -127,6 +135,33 @@ def test_perplexity_does_not_depend_on_the_number_of_workers(outputs, world, run
     many = json.loads((outputs[world] / run / "prune_report.json").read_text())["perplexity"]
     assert many["pruned"] == pytest.approx(single["pruned"], rel=0.005)
     assert many["dense"] == pytest.approx(single["dense"], rel=1e-4)
+
+
+def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            state.update({name: f.get_tensor(name) for name in f.keys() if name != "input_ids"})
+    return state
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_structured_pruning_does_not_depend_on_the_number_of_workers(outputs, world):
+    """Same heads and channels removed (group scores summed over row shards), the same recovered weights up
+    to float summation order, the same perplexities."""
+    single, many = outputs[1] / "saap", outputs[world] / "saap"
+    report_1, report_w = (json.loads((p / "prune_report.json").read_text()) for p in (single, many))
+    assert report_w["structure"] == report_1["structure"]
+    assert report_w["parameters"] == report_1["parameters"]
+    assert report_w["parameters"]["removed"] > 0
+    state_1, state_w = checkpoint_state(single), checkpoint_state(many)
+    assert state_1.keys() == state_w.keys()
+    for name, tensor in state_1.items():
+        torch.testing.assert_close(state_w[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for key in ("dense", "before_recovery", "pruned"):
+        assert report_w["perplexity"][key] == pytest.approx(report_1["perplexity"][key], rel=1e-4)
+    assert report_w["recovery"]["losses"] == pytest.approx(report_1["recovery"]["losses"], rel=1e-4)
+    assert len(report_w["workers"]) == world
 
 
 def test_engine_matches_the_plain_single_process_maths(outputs, uneven_llama, text_file):

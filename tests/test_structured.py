@@ -1,6 +1,5 @@
 """SAAP-style structured pruning: group bookkeeping, maths on hand-computed cases, physical removal, loading."""
 
-import copy
 import json
 from pathlib import Path
 
@@ -11,10 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from dist_prune.checkpoint import INDEX_FILE
 from dist_prune.cli import main
+from dist_prune.distributed import Workers
+from dist_prune.distributed.sharded_model import rebuild_nonpersistent_buffers
 from dist_prune.errors import ConfigError
 from dist_prune.layerwise import decoder_layers
 from dist_prune.structured.allocation import Module, allocate, solve_ratios
-from dist_prune.structured.calibration import batch_sums, weight_name
 from dist_prune.structured.groups import (
     ATTENTION,
     COLUMN_MODULES,
@@ -32,9 +32,15 @@ from dist_prune.structured.groups import (
     slice_weight,
     unit_sums,
 )
-from dist_prune.structured.importance import element_scores, fuse, group_measures, instability
+from dist_prune.structured.importance import element_scores, finish_measures, fuse, group_measures, instability
 from dist_prune.structured.recovery import LowRankAdapter, recover
-from dist_prune.structured.surgery import layer_shape, layer_sizes, output_config, prune_layer_
+from dist_prune.structured.surgery import (
+    build_on_meta,
+    kept_sizes,
+    layer_shape,
+    output_config,
+    slice_layer_state,
+)
 
 # SmolLM2-135M's attention layout, scaled down: 9 query heads sharing 3 KV heads.
 GQA = LayerShape(hidden=12, num_heads=9, num_kv_heads=3, head_dim=2, intermediate=10)
@@ -137,7 +143,7 @@ def test_taylor_scores_on_a_hand_computed_group():
     shape = LayerShape(hidden=2, num_heads=1, num_kv_heads=1, head_dim=1, intermediate=1)
     weights = {"mlp.gate_proj": W, "mlp.up_proj": W, "mlp.down_proj": W.T}
     grads = {"mlp.gate_proj": g, "mlp.up_proj": -g, "mlp.down_proj": g.T}
-    measures = group_measures(weights, grads, {}, {}, MLP, shape, "kv_group", ("vector",))
+    measures = finish_measures(group_measures(weights, grads, {}, {}, MLP, shape, "kv_group", ("vector",)))
     # vector-wise is |sum over the whole group|: (3 - 2) + (-3 + 2) + (3 - 2) = 1, not 1 + 1 + 1
     assert measures["vector"].tolist() == [1.0]
 
@@ -195,21 +201,38 @@ def test_a_target_beyond_capacity_is_refused():
 
 
 def test_calibration_sums_are_total_gradient_and_per_sample_squares(tiny_llama):
+    """The sharded pass at one worker; tests/test_distributed.py runs it at 2 and 3 against the same loop."""
+    from dist_prune.distributed import GradientRequest, init_workers, load_sharded_model, teardown
+    from dist_prune.distributed import sharded_gradient_pass as gradient_pass
+    from dist_prune.structured.scoring import INPUT_OWNERS
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     windows = torch.randint(0, 49152, (3, 16), generator=torch.Generator().manual_seed(0))
-    sums = batch_sums(model, windows, layers=[1])
-    assert all(name.startswith("model.layers.1.") for name in sums.grad)
-    name = weight_name(1, "mlp.down_proj")
+    workers = init_workers(0, 1)
+    try:
+        sharded = load_sharded_model(tiny_llama, workers)
+        request = GradientRequest(plain=True, layers=(1,), input_owners=INPUT_OWNERS)
+        sums = gradient_pass(sharded, windows, workers, request, checkpointing=True)
+    finally:
+        teardown()
+    assert all(name.startswith("model.layers.1.") for name in sums.plain)
+    name = "model.layers.1.mlp.down_proj.weight"
     weight = dict(model.named_parameters())[name]
-    per_sample = []
+    per_sample, inputs = [], []
+    hook = model.get_submodule("model.layers.1.mlp.down_proj").register_forward_hook(
+        lambda _m, args, _o: inputs.append(args[0].detach().square().sum(dim=(0, 1)))
+    )
     for sequence in windows:
         model.zero_grad()
         weight.requires_grad_(True)
         model(input_ids=sequence[None], labels=sequence[None]).loss.backward()
         per_sample.append(weight.grad.clone())
-    torch.testing.assert_close(sums.grad[name], sum(per_sample))
-    torch.testing.assert_close(sums.fisher[name], sum(g.square() for g in per_sample))
-    assert sums.scaler_row(1, "mlp.down_proj").shape == (TINY.intermediate,)
+    hook.remove()
+    torch.testing.assert_close(sums.plain[name], sum(per_sample))
+    torch.testing.assert_close(sums.power[name], sum(g.square() for g in per_sample))
+    # counted once per sequence, though checkpointing runs every forward twice
+    torch.testing.assert_close(sums.input_sq[name], sum(inputs))
+    assert sums.sequences == 3
 
 
 # --- physical removal -------------------------------------------------------------------------------------
@@ -242,16 +265,26 @@ def mask_layer_(layer, keep: LayerKeep) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sliced_model_equals_masked_model(tiny_llama, mode):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    masked = copy.deepcopy(model)
-    for index, keep in random_keeps(model, mode, seed=1).items():
-        prune_layer_(decoder_layers(model)[index], keep)
+    """Slicing the state and building the architecture of `output_config` is the masked model, smaller."""
+    masked = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    keeps = random_keeps(masked, mode, seed=1)
+    shapes = [layer_shape(layer) for layer in decoder_layers(masked)]
+    state = masked.state_dict()
+    for index, keep in keeps.items():
+        prefix = f"model.layers.{index}."
+        layer_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in slice_layer_state(layer_state, keep, TINY.head_dim).items()})
         mask_layer_(decoder_layers(masked)[index], keep)
+    output = output_config(masked.config.to_dict(), kept_sizes(shapes, keeps), TINY.head_dim)
+    pruned = build_on_meta(output)
+    pruned.load_state_dict(state, assign=True, strict=False)  # the tied lm_head follows the embeddings
+    pruned.tie_weights()
+    rebuild_nonpersistent_buffers(pruned.eval(), torch.device("cpu"))  # rotary buffers: not in a state dict
     tokens = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=tokens).logits, masked(input_ids=tokens).logits, atol=1e-5, rtol=0)
-    assert layer_sizes(model)[0]["num_attention_heads"] == 2
-    assert layer_sizes(model)[0]["num_key_value_heads"] == (1 if mode == "kv_group" else 2)
+        torch.testing.assert_close(pruned(input_ids=tokens).logits, masked(input_ids=tokens).logits, atol=1e-5, rtol=0)
+    assert layer_shape(decoder_layers(pruned)[0]).num_heads == 2
+    assert layer_shape(decoder_layers(pruned)[0]).num_kv_heads == (1 if mode == "kv_group" else 2)
 
 
 def test_adapter_merge_is_exact():
@@ -270,7 +303,8 @@ def test_recovery_alternates_groups_and_leaves_plain_linears(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     windows = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(0))
-    losses = recover(model, windows, layers=[1], steps=1, rank=2, lr=1e-2, batch_size=2)
+    workers = Workers(rank=0, world_size=1, device=torch.device("cpu"), mesh=None)  # a plain model: no mesh
+    losses = recover(model, windows, layers=[1], steps=1, rank=2, lr=1e-2, batch_size=2, workers=workers)
     after = model.state_dict()
     assert len(losses) == 1 and set(after) == set(before)  # merged: no adapter parameters remain
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -370,7 +404,10 @@ def test_cli_adaptive_with_recovery_writes_a_smaller_bundled_checkpoint(small_mo
     assert (out / "modeling_pruned_llama.py").is_file() and (out / "report.md").is_file()
     assert not any(k.endswith((".A", ".B")) or ".base." in k for k in stored_keys(out))  # adapters merged
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-    assert layer_sizes(loaded) == json.loads((out / "config.json").read_text())["layer_sizes"]
+    sizes = json.loads((out / "config.json").read_text())["layer_sizes"]
+    assert [layer_shape(layer).intermediate for layer in decoder_layers(loaded)] == [
+        size["intermediate_size"] for size in sizes
+    ]
     with pytest.raises(RuntimeError):  # without the bundled code transformers refuses the shapes
         AutoModelForCausalLM.from_pretrained(out)
     generated = loaded.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)

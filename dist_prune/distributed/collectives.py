@@ -117,6 +117,18 @@ def _ties_in_earlier_rows(my_ties: int, row_offset: int, device: torch.device) -
     return sum(int(t[1]) for rank, t in enumerate(everyone) if (int(t[0]), rank) < me)
 
 
+def all_reduce_in_order(tensors: dict[str, Tensor]) -> None:
+    """In place: sum each same-shaped-everywhere tensor over workers, one collective for all, in sorted name
+    order (dict order can differ between processes)."""
+    if not _distributed() or not tensors:
+        return
+    names = sorted(tensors)
+    flat = torch.cat([tensors[name].flatten() for name in names])
+    dist.all_reduce(flat)
+    for name, part in zip(names, flat.split([tensors[name].numel() for name in names]), strict=True):
+        tensors[name].copy_(part.view_as(tensors[name]))
+
+
 def _all_reduce(tensor: Tensor) -> None:
     if _distributed():
         dist.all_reduce(tensor)

@@ -42,6 +42,14 @@ def load_sharded_model(path: Path, workers: Workers, dtype: torch.dtype = torch.
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shard_model(model, workers)
+    fill_local_shards(model, weight_files(path))
+    log.info("loaded the local row shards of %s", path)
+    return model
+
+
+def shard_model(model: nn.Module, workers: Workers) -> nn.Module:
+    """A model built on the meta device, sharded by rows and given (uninitialised) local shards, in place."""
     # Each decoder layer becomes its own FSDP unit (one all-gather per layer), then the root takes
     # what is left (embeddings, final norm, lm_head); the root must be wrapped last.
     # Gradients are reduced in fp32 even for bf16 weights: the gradient pass squares inside the reduce-scatter.
@@ -51,9 +59,7 @@ def load_sharded_model(path: Path, workers: Workers, dtype: torch.dtype = torch.
     fully_shard(model, mesh=workers.mesh, mp_policy=policy)
     model.to_empty(device=workers.device)
     _tie_head_if_needed(model)
-    fill_local_shards(model, weight_files(path))
     rebuild_nonpersistent_buffers(model, workers.device)
-    log.info("loaded the local row shards of %s", path)
     return model.eval()
 
 
@@ -83,11 +89,17 @@ def fill_local_shards(model: nn.Module, files: dict[str, Path]) -> None:
 
 
 def _fill(param: nn.Parameter, source, name: str) -> None:
-    shard = local_rows(param)
     if list(source.get_shape()) != list(param.shape):
         raise CheckpointError(
             f"{name} has shape {source.get_shape()} in the checkpoint, the config says {list(param.shape)}"
         )
+    copy_local_rows(param, source)
+
+
+@torch.no_grad()
+def copy_local_rows(param: nn.Parameter, source) -> None:
+    """This worker's rows of `source` (a full tensor, or a safetensors slice read lazily) into `param`."""
+    shard = local_rows(param)
     rows = shard.tensor.shape[0]
     if rows:  # a worker may hold no rows of a small tensor
         shard.tensor.copy_(source[shard.row_offset : shard.row_offset + rows])

@@ -110,9 +110,13 @@ def unit_sums(module: str, per_element: Tensor, shape: LayerShape, mode: str, ro
     return sums.index_add_(0, index[inside], lines[inside])
 
 
-def group_sums(per_element: dict[str, Tensor], kind: str, shape: LayerShape, mode: str) -> Tensor:
-    """Sum of a per-element score over each unit of one layer's attention or MLP, all its modules together."""
-    return sum(unit_sums(module, per_element[module], shape, mode) for module in MODULES[kind])
+def group_sums(
+    per_element: dict[str, Tensor], kind: str, shape: LayerShape, mode: str, row_starts: dict[str, int] | None = None
+) -> Tensor:
+    """Sum of a per-element score over each unit of one layer's attention or MLP, all its modules together;
+    `row_starts` places row shards (absent: whole matrices)."""
+    starts = row_starts or {}
+    return sum(unit_sums(m, per_element[m], shape, mode, starts.get(m, 0)) for m in MODULES[kind])
 
 
 def removed_units(scores: Tensor, steps: int, kind: str, shape: LayerShape, mode: str) -> list[int]:

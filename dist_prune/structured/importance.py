@@ -38,20 +38,29 @@ def group_measures(
     shape: LayerShape,
     mode: str,
     measures: tuple[str, ...] = MEASURES,
+    row_starts: dict[str, int] | None = None,
 ) -> dict[str, Tensor]:
-    """Each measure per unit of one layer's attention or MLP; dicts keyed by module name ("mlp.up_proj")."""
-    modules = MODULES[kind]
+    """Each measure's sums per unit of one layer's attention or MLP; dicts keyed by module name ("mlp.up_proj").
+
+    The matrices may be row shards placed by `row_starts` (scaler_row is always whole): the results of all
+    shards add up to the whole layer's. The vector measure is still signed here; `finish_measures` takes its
+    |.| once every shard's part is added.
+    """
     per_element = {
         "vector": lambda m: vector_terms(weights[m], grad[m]),
         "element": lambda m: element_scores(weights[m], grad[m], fisher[m]),
         "activation": lambda m: activation_scores(weights[m], scaler_row[m]),
     }
-    result = {}
-    for measure in measures:
-        sums = group_sums({m: per_element[measure](m) for m in modules}, kind, shape, mode)
-        # The vector-wise score takes |.| of the group's signed sum, so only after every part is added.
-        result[measure] = sums.abs() if measure == "vector" else sums
-    return result
+    modules = MODULES[kind]
+    return {
+        measure: group_sums({m: per_element[measure](m) for m in modules}, kind, shape, mode, row_starts)
+        for measure in measures
+    }
+
+
+def finish_measures(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Whole-layer sums of `group_measures` -> scores: the vector-wise score is |signed sum over the group|."""
+    return {measure: values.abs() if measure == "vector" else values for measure, values in sums.items()}
 
 
 def fuse(measures: dict[str, Tensor]) -> Tensor:

@@ -1,31 +1,30 @@
-"""SAAP-style structured pruning, the job read top to bottom.
+"""SAAP-style structured pruning, the worker's job read top to bottom (every launcher runs it on every worker).
 
-check -> calibration data -> load -> gradient pass (importances per group, per batch) -> allocation ->
-physical removal -> recovery fine-tuning -> write a smaller checkpoint and the report.
+load row shards -> sharded gradient pass (importances per group, per batch, merged as small vectors) ->
+allocation (the same on every worker) -> a smaller sharded model, filled one gathered layer at a time ->
+sharded recovery fine-tuning -> worker 0 writes the layers, the config and the report.
+`check_structured` is the driver's part: what can fail before a worker starts.
 """
 
-import platform
-import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import transformers
 from torch import Tensor, nn
 
-from .. import __version__
 from ..assets import resolve_model
-from ..checkpoint import CheckpointInfo, inspect_checkpoint, load_model, load_tokenizer
+from ..checkpoint import CheckpointInfo, inspect_checkpoint, load_tokenizer
 from ..config import PruneConfig
-from ..data import calibration_windows, evaluation_windows, load_text, tokenize
+from ..data import calibration_windows
+from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
 from ..errors import ConfigError
-from ..launch import pick_device
 from ..layerwise import decoder_layers
 from ..log import get_logger
-from ..memory import MemoryPlan, check_fits, plan_for
-from ..metrics import perplexity
+from ..memory import ModelShape
 from ..progress import Progress
-from ..report import write_report_markdown
+from ..report import perplexity_entry, run_environment, write_report_markdown
+from ..worker import evaluation_set, measure_perplexity, worker_memory
 from ..writer import CheckpointWriter, write_run_files
 from .allocation import Module, allocate, check_capacity
 from .groups import (
@@ -40,8 +39,8 @@ from .groups import (
     weight_numel,
 )
 from .recovery import GROUP_ORDER, recover
-from .scoring import ModuleScores, score_modules
-from .surgery import copy_modeling_file, layer_shape, layer_sizes, output_config, prune_layer_
+from .scoring import ModuleScores, gradient_steps, score_modules
+from .surgery import copy_modeling_file, kept_sizes, layer_shape, output_config, rebuild_smaller
 
 log = get_logger()
 
@@ -51,87 +50,102 @@ log = get_logger()
 GQA_MODE = "query_heads"
 
 
-def prune_structured(config: PruneConfig, progress: Progress | None = None) -> dict:
-    """Run one structured prune job in this process; returns the report also written to prune_report.json."""
-    progress, started = progress or Progress("quiet"), time.perf_counter()
-    info, memory_plan, layers = _check(config)
-    writer = CheckpointWriter(Path(config.out), info.num_layers, config.runtime.overwrite)
+def check_structured(config: PruneConfig) -> CheckpointInfo:
+    """The driver's checks: protected layers, and a target the prunable modules can reach (config alone)."""
+    info = inspect_checkpoint(resolve_model(config.model))
+    shapes = [config_layer_shape(info.config)] * info.num_layers
+    s = config.structured
+    layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
+    model = ModelShape.from_config(info.config)
+    check_capacity(plan_modules(shapes, layers), round(s.ratio * model.layers * model.layer_params))
+    return info
+
+
+def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -> dict | None:
+    """The whole structured job on this worker; worker 0 writes the output and returns the report."""
+    started = time.perf_counter()
+    info = inspect_checkpoint(resolve_model(config.model))
+    s = config.structured
+    layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
     with progress.phase("tokenize"):
         tokenizer = load_tokenizer(info.path)
         windows = calibration_windows(config, tokenizer)
-        eval_windows = _evaluation_windows(config, tokenizer) if config.evaluation.eval_after else None
-    with writer:
+        eval_windows = evaluation_set(config, tokenizer) if config.evaluation.eval_after else None
+    writer = CheckpointWriter(Path(config.out), info.num_layers, config.runtime.overwrite) if workers.is_main else None
+    with writer or nullcontext():
         with progress.phase("load"):
-            model = load_model(info, pick_device(config.runtime.device))
+            model = load_sharded_model(info.path, workers)
         shapes_before = [layer_shape(layer) for layer in decoder_layers(model)]
         params_before = parameter_counts(model)
-        target = round(config.structured.ratio * params_before["decoder_layers"])
-        check_capacity(plan_modules(shapes_before, layers), target)
+        target = round(s.ratio * params_before["decoder_layers"])
         perplexities = {}
-        _measure(perplexities, "dense", model, eval_windows, progress)
-        scored, counts, keeps = _prune_model(model, windows, layers, target, config, info, progress)
+        _measure(perplexities, "dense", model, eval_windows, workers, progress)
+        scored, counts, keeps = _choose_removals(model, windows, layers, target, config, workers, progress)
+        output = output_config(info.config, kept_sizes(shapes_before, keeps), shapes_before[0].head_dim)
+        with progress.phase("prune"):
+            model = rebuild_smaller(model, keeps, output, info.source_dtype, workers)
         losses = []
-        if config.structured.recover_steps:
-            _measure(perplexities, "before_recovery", model, eval_windows, progress)
-            losses = _recover(model, windows, layers, config, info, progress)
-        _measure(perplexities, "pruned", model, eval_windows, progress)
-        output = output_config(info.config, layer_sizes(model), shapes_before[0].head_dim)
-        _write_weights(writer, model, info)
+        if s.recover_steps:
+            _measure(perplexities, "before_recovery", model, eval_windows, workers, progress)
+            losses = _recover(model, windows, layers, config, info, workers, progress)
+        _measure(perplexities, "pruned", model, eval_windows, workers, progress)
+        memory = worker_memory(model, workers, progress)
+        _write_weights(writer, model, info)  # a collective: every worker gathers, worker 0 writes
+        if writer is None:
+            return None
         progress.timings["total"] = round(time.perf_counter() - started, 3)
         report = build_report(config, info, model, params_before, target, shapes_before, keeps, scored, counts)
         report.update(
-            perplexity=_perplexity_entry(perplexities, eval_windows, config),
+            perplexity=perplexity_entry(perplexities, eval_windows, config),
             recovery=_recovery_entry(config, losses),
             checkpoint_form="bundled modeling file (trust_remote_code)" if "auto_map" in output else "stock Llama",
             calibration={"sequences": windows.shape[0], "seqlen": windows.shape[1]},
             timings_s=dict(progress.timings),
-            memory_plan=memory_plan.to_dict(),
-            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            workers=memory,
+            **run_environment(workers.world_size),
         )
         _write_outputs(writer, config, info, report, output, windows)
     log.info("wrote %s (%s)", config.out, report["checkpoint_form"])
     return report
 
 
-def _check(config: PruneConfig) -> tuple[CheckpointInfo, MemoryPlan, list[int]]:
-    """Everything that can fail before a weight is read."""
-    if config.runtime.workers != 1:
-        raise ConfigError("saap runs in one in-process worker; use --workers 1")
-    if config.runtime.threads:
-        torch.set_num_threads(config.runtime.threads)
-    info = inspect_checkpoint(resolve_model(config.model))
-    memory_plan = plan_for(config, info.path)
-    check_fits(memory_plan)
-    s = config.structured
-    return info, memory_plan, prunable_layers(info.num_layers, s.protect_first, s.protect_last)
-
-
-def _prune_model(
+def _choose_removals(
     model: nn.Module,
     windows: Tensor,
     layers: list[int],
     target: int,
     config: PruneConfig,
-    info: CheckpointInfo,
+    workers: Workers,
     progress: Progress,
 ) -> tuple[list[ModuleScores], list[int], dict[int, LayerKeep]]:
-    """Score every group, allocate the target over the modules, slice the lowest-scored groups out."""
+    """Score every group, allocate the target over the modules, pick the lowest-scored groups of each."""
     s = config.structured
-    with progress.phase("gradients", total=windows.shape[0]) as advance:
-        scored = score_modules(model, windows, layers, s.importance, GQA_MODE, s.stability_batches, advance)
+    steps = gradient_steps(windows, s.stability_batches, workers.world_size)
+    with progress.phase("gradients", total=steps) as advance:
+        scored = score_modules(
+            model, windows, layers, s.importance, GQA_MODE, s.stability_batches, workers,
+            config.runtime.activation_checkpointing, advance,
+        )  # fmt: skip
     modules = [Module(m.layer, m.kind, removal_steps(m.kind, m.shape, GQA_MODE), m.instability) for m in scored]
     counts = allocate(modules, target, adaptive=s.allocation == "adaptive")
-    with progress.phase("prune"):
-        keeps = remove_groups(model, scored, counts, info.source_dtype)
-    return scored, counts, keeps
+    return scored, counts, kept_units(scored, counts)
 
 
 def _recover(
-    model: nn.Module, windows: Tensor, layers: list[int], config: PruneConfig, info: CheckpointInfo, progress: Progress
+    model: nn.Module,
+    windows: Tensor,
+    layers: list[int],
+    config: PruneConfig,
+    info: CheckpointInfo,
+    workers: Workers,
+    progress: Progress,
 ) -> list[float]:
     s, batch = config.structured, config.calibration.batch_size
     with progress.phase("recovery", total=s.recover_steps) as advance:
-        losses = recover(model, windows, layers, s.recover_steps, s.recover_rank, s.recover_lr, batch, advance)
+        losses = recover(
+            model, windows, layers, s.recover_steps, s.recover_rank, s.recover_lr, batch, workers,
+            config.calibration.seed, advance,
+        )  # fmt: skip
     round_to_dtype_(model, info.source_dtype)
     return losses
 
@@ -149,60 +163,61 @@ def plan_modules(shapes: list[LayerShape], layers: list[int]) -> list[Module]:
     return [Module(i, kind, removal_steps(kind, shapes[i], GQA_MODE)) for i in layers for kind in (ATTENTION, MLP)]
 
 
-def remove_groups(
-    model: nn.Module, scored: list[ModuleScores], counts: list[int], dtype: torch.dtype
-) -> dict[int, LayerKeep]:
-    """Pick the lowest-scored units of every module and slice them out of the model."""
+def config_layer_shape(config: dict) -> LayerShape:
+    shape = ModelShape.from_config(config)
+    return LayerShape(shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.mlp)
+
+
+def kept_units(scored: list[ModuleScores], counts: list[int]) -> dict[int, LayerKeep]:
+    """What survives in every pruned layer: all but the `count` lowest-scored units of each module."""
     removed = {
         (m.layer, m.kind): removed_units(m.scores, count, m.kind, m.shape, GQA_MODE)
         for m, count in zip(scored, counts, strict=True)
     }
-    keeps = {}
-    for index in sorted({m.layer for m in scored}):
-        layer = decoder_layers(model)[index]
-        keep = layer_keep(removed[(index, ATTENTION)], removed[(index, MLP)], layer_shape(layer), GQA_MODE)
-        prune_layer_(layer, keep)
-        keeps[index] = keep
-    # Round to the saved dtype now, so that what is evaluated and fine-tuned is exactly what is written.
-    round_to_dtype_(model, dtype)
-    return keeps
+    shapes = {m.layer: m.shape for m in scored}
+    return {
+        index: layer_keep(removed[(index, ATTENTION)], removed[(index, MLP)], shapes[index], GQA_MODE)
+        for index in sorted(shapes)
+    }
 
 
 @torch.no_grad()
 def round_to_dtype_(model: nn.Module, dtype: torch.dtype) -> None:
     for p in decoder_layers(model).parameters():
-        p.copy_(p.to(dtype))
+        shard = local_rows(p).tensor
+        shard.copy_(shard.to(dtype))
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters of the whole model (tied embeddings once) and of its decoder layers (Linears and norms)."""
+    """Parameters of the whole model (tied embeddings once) and of its decoder layers (Linears and norms);
+    global counts, whatever the sharding."""
     return {
         "model": sum(p.numel() for p in model.parameters()),
         "decoder_layers": sum(p.numel() for p in decoder_layers(model).parameters()),
     }
 
 
-def _evaluation_windows(config: PruneConfig, tokenizer) -> Tensor:
-    e = config.evaluation
-    return evaluation_windows(tokenize(tokenizer, load_text(e.eval_text, "evaluation")), e.eval_seqlen, e.eval_windows)
+def _measure(
+    perplexities: dict,
+    name: str,
+    model: nn.Module,
+    eval_windows: Tensor | None,
+    workers: Workers,
+    progress: Progress,
+) -> None:
+    if eval_windows is not None:
+        perplexities[name] = measure_perplexity(model, eval_windows, workers, progress, f"{name}_eval")
 
 
-def _measure(perplexities: dict, name: str, model: nn.Module, eval_windows: Tensor | None, progress: Progress) -> None:
-    if eval_windows is None:
-        return
-    with progress.phase(f"{name}_eval", total=eval_windows.shape[0]) as advance:
-        perplexities[name] = perplexity(model, eval_windows, progress=advance)
-    log.info("%s perplexity %.3f", name, perplexities[name])
-
-
-def _write_weights(writer: CheckpointWriter, model: nn.Module, info: CheckpointInfo) -> None:
+def _write_weights(writer: CheckpointWriter | None, model: nn.Module, info: CheckpointInfo) -> None:
     dtype = info.source_dtype
-    for index, layer in enumerate(decoder_layers(model)):
-        writer.write_layer(index, {f"model.layers.{index}.{k}": t.to(dtype) for k, t in layer.state_dict().items()})
-    rest = {k: t.to(dtype) for k, t in model.state_dict().items() if not k.startswith("model.layers.")}
-    if info.tied_embeddings:
-        rest.pop("lm_head.weight", None)  # transformers re-ties it to the embeddings on load
-    writer.write_rest(rest)
+    for index in range(len(decoder_layers(model))):
+        state = gather_layer_state(model, index)
+        if writer is not None:
+            writer.write_layer(index, {name: t.to(dtype) for name, t in state.items()})
+    rest = gather_non_layer_state(model)  # a tied lm_head is left out: transformers re-ties it on load
+    if writer is not None:
+        writer.write_rest({name: t.to(dtype) for name, t in rest.items()})
 
 
 def _write_outputs(
@@ -246,8 +261,6 @@ def build_report(
         "structure": [_structure_entry(i, shape, keeps.get(i)) for i, shape in enumerate(shapes_before)],
         "layers": [_layer_entry(i, layer, shapes_before[i]) for i, layer in enumerate(decoder_layers(model))],
         "allocation": _allocation_entries(scored, counts),
-        "versions": {"dist_prune": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
     }
 
 
@@ -280,13 +293,6 @@ def _allocation_entries(scored: list[ModuleScores], counts: list[int]) -> list[d
         {"layer": m.layer, "kind": m.kind, "instability": m.instability, "steps_removed": count}
         for m, count in zip(scored, counts, strict=True)
     ]
-
-
-def _perplexity_entry(perplexities: dict, eval_windows: Tensor | None, config: PruneConfig) -> dict | None:
-    if eval_windows is None:
-        return None
-    e = config.evaluation
-    return dict(perplexities, text=e.eval_text, seqlen=e.eval_seqlen, windows=eval_windows.shape[0])
 
 
 def _recovery_entry(config: PruneConfig, losses: list[float]) -> dict | None:

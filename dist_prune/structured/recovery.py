@@ -6,6 +6,11 @@ alpha=16). "Group fine-tuning": the adapters form two groups, attention (q/k/v/o
 the steps alternate between them, so each backward computes weight gradients for one group only. Adapters
 are merged into the weights (W += s * B A) when training ends: the saved model is a plain Linear stack.
 The adapter is these few lines rather than peft: no new dependency, and alternating groups needs nothing more.
+
+Sharded (data parallel): the base weights stay FSDP row shards, frozen; the adapters are small and every
+worker holds all of them. Each step's batch is split across workers; a worker's loss is weighted by its share
+of the batch and the adapters' gradients are summed across workers, which gives every worker the gradient of
+the whole batch's mean loss, so their optimizers stay identical. Merging adds each worker's rows of s * B A.
 """
 
 import math
@@ -15,6 +20,8 @@ from itertools import cycle
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Workers, all_reduce_in_order, local_rows, local_share
+from ..distributed.collectives import sum_across_workers
 from ..layerwise import decoder_layers
 from ..log import get_logger
 from .groups import ATTENTION, MLP, MODULES
@@ -24,20 +31,25 @@ GROUP_ORDER = (ATTENTION, MLP)
 
 
 class LowRankAdapter(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int):
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.scale = 2.0  # alpha / rank with alpha = 2 * rank
-        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        # Drawn on the CPU from the given generator: every worker must start from the same adapters.
+        A = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # nn.Linear's own, as in LoRA
+        self.A = nn.Parameter(A.to(base.weight.device))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's own initialisation, as in LoRA
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.scale * (x @ self.A.T) @ self.B.T
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        self.base.weight += (self.scale * self.B @ self.A).to(self.base.weight.dtype)
+        """The base Linear with s * B A added to its rows (to this worker's rows of a sharded weight)."""
+        shard = local_rows(self.base.weight)
+        rows = slice(shard.row_offset, shard.row_offset + shard.tensor.shape[0])
+        shard.tensor.add_((self.scale * self.B[rows] @ self.A).to(shard.tensor.dtype))
         return self.base
 
 
@@ -49,30 +61,28 @@ def recover(
     rank: int,
     lr: float,
     batch_size: int,
+    workers: Workers,
+    seed: int = 0,
     progress: Callable[[], None] | None = None,
 ) -> list[float]:
-    """Train adapters on the calibration windows for `steps` steps, alternating groups; merge. Returns losses."""
-    adapters = _attach(model, layers, rank)
+    """Train adapters on the calibration windows for `steps` steps, alternating groups; merge. Returns losses
+    (each the whole batch's mean cross-entropy, the same on every worker)."""
+    adapters = _attach(model, layers, rank, torch.Generator().manual_seed(seed))
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
         p.requires_grad_(False)
-    trained = [p for group in adapters.values() for adapter in group for p in (adapter.A, adapter.B)]
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for group in adapters.values() for adapter in group for p in (adapter.A, adapter.B)], lr=lr, weight_decay=0.0
+    )
     batches = cycle(windows.split(batch_size))
     losses = []
     try:
         for step in range(steps):
             active = GROUP_ORDER[step % len(GROUP_ORDER)]
-            for kind, group in adapters.items():
-                for adapter in group:
-                    adapter.A.requires_grad_(kind == active)
-                    adapter.B.requires_grad_(kind == active)
-            tokens = next(batches).to(model.device)
-            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
-            loss.backward()
+            trained = _train_only(adapters, active)
+            losses.append(_step(model, next(batches), trained, workers))
             optimizer.step()  # parameters without a gradient (the resting group) are skipped
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
             log.debug("recovery step %d/%d (%s): loss %.4f", step + 1, steps, active, losses[-1])
             if progress is not None:
                 progress()
@@ -83,7 +93,33 @@ def recover(
     return losses
 
 
-def _attach(model: nn.Module, layers: list[int], rank: int) -> dict[str, list[LowRankAdapter]]:
+def _train_only(adapters: dict[str, list[LowRankAdapter]], active: str) -> dict[str, Tensor]:
+    trained = {}
+    for kind, group in adapters.items():
+        for number, adapter in enumerate(group):
+            for name, param in (("A", adapter.A), ("B", adapter.B)):
+                param.requires_grad_(kind == active)
+                if kind == active:
+                    trained[f"{kind}/{number:06d}/{name}"] = param
+    return trained
+
+
+def _step(model: nn.Module, batch: Tensor, trained: dict[str, Tensor], workers: Workers) -> float:
+    """Forward and backward of this worker's part of `batch`; afterwards every trained adapter holds the
+    gradient of the whole batch's mean loss. A worker with no sequence in this batch still joins FSDP's
+    collectives, with a zero-weighted one."""
+    mine = local_share(batch.shape[0], workers.rank, workers.world_size)
+    weight = len(mine) / batch.shape[0]
+    tokens = (batch[mine.start : mine.stop] if len(mine) else batch[:1]).to(workers.device)
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss * weight
+    loss.backward()
+    all_reduce_in_order({name: p.grad for name, p in trained.items()})
+    return sum_across_workers([loss.item()], workers.device)[0]
+
+
+def _attach(
+    model: nn.Module, layers: list[int], rank: int, generator: torch.Generator
+) -> dict[str, list[LowRankAdapter]]:
     adapters: dict[str, list[LowRankAdapter]] = {kind: [] for kind in GROUP_ORDER}
     for index in layers:
         layer = decoder_layers(model)[index]
@@ -91,7 +127,7 @@ def _attach(model: nn.Module, layers: list[int], rank: int) -> dict[str, list[Lo
             for module in MODULES[kind]:
                 parent_name, _, child = module.rpartition(".")
                 parent = layer.get_submodule(parent_name)
-                adapter = LowRankAdapter(getattr(parent, child), rank)
+                adapter = LowRankAdapter(getattr(parent, child), rank, generator)
                 setattr(parent, child, adapter)
                 adapters[kind].append(adapter)
     return adapters

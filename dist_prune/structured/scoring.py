@@ -1,8 +1,14 @@
-"""From the calibration pass to one importance vector and one instability number per prunable module.
+"""From the sharded gradient pass to one importance vector and one instability number per prunable module.
 
-The glue between the model, the calibration sums and the pure maths of importance.py. Fusion fits one
-sigma per (measure, kind) over the groups of every pruned layer together, so fused scores keep the
-measures' relative weight the same in every layer.
+The glue between the worker engine and the pure maths of importance.py. The calibration windows are split
+into batches; each batch is one sharded pass (distributed/grad_pass.py) giving, per decoder Linear, this
+worker's rows of sum_n g_n (Taylor's g: the gradient of the total loss, g_n being sequence n's mean
+cross-entropy), of sum_n g_n^2 (the diagonal Fisher, from per-sample gradients) and the whole vector
+sum_{n,t} x^2 of its input. Each worker scores the groups its rows touch; the partial vectors (one number
+per head or channel) are summed across workers. Every worker ends with the same scores.
+
+Fusion fits one sigma per (measure, kind) over the groups of every pruned layer together, so fused scores
+keep the measures' relative weight the same in every layer.
 """
 
 from collections.abc import Callable
@@ -11,13 +17,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..layerwise import decoder_layers
-from .calibration import CalibrationSums, calibration_pass, weight_name
+from ..distributed import (
+    GradientRequest,
+    GradientSums,
+    Workers,
+    all_reduce_in_order,
+    local_rows,
+    local_share,
+    sharded_gradient_pass,
+)
+from ..layerwise import LINEAR_INPUT_OWNER, decoder_layers
 from .groups import ATTENTION, MLP, MODULES, LayerShape
-from .importance import MEASURES, fuse, group_measures, instability
+from .importance import MEASURES, finish_measures, fuse, group_measures, instability
 from .surgery import layer_shape
 
 Key = tuple[int, str]  # (layer index, ATTENTION or MLP)
+INPUT_OWNERS = tuple(sorted(set(LINEAR_INPUT_OWNER.values())))
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,15 @@ class ModuleScores:
     instability: float  # mean coefficient of variation of the units' importance across batches
 
 
+def calibration_batches(windows: Tensor, num_batches: int) -> tuple[Tensor, ...]:
+    return windows.tensor_split(min(num_batches, windows.shape[0]))
+
+
+def gradient_steps(windows: Tensor, num_batches: int, world_size: int) -> int:
+    """Backward passes each worker makes: the largest share of every batch."""
+    return sum(len(local_share(b.shape[0], 0, world_size)) for b in calibration_batches(windows, num_batches))
+
+
 def score_modules(
     model: nn.Module,
     windows: Tensor,
@@ -36,15 +60,19 @@ def score_modules(
     importance: str,
     mode: str,
     num_batches: int,
+    workers: Workers,
+    checkpointing: bool = False,
     progress: Callable[[], None] | None = None,
 ) -> list[ModuleScores]:
+    """Importance of every unit of the modules of `layers`, identical on every worker (collectives)."""
+    request = GradientRequest(plain=True, layers=tuple(layers), input_owners=INPUT_OWNERS)
     batch_scores: dict[Key, list[Tensor]] = {}
-
-    def on_batch(sums: CalibrationSums) -> None:
+    totals = None
+    for batch in calibration_batches(windows, num_batches):
+        sums = sharded_gradient_pass(model, batch, workers, request, checkpointing, progress)
         for key, scores in module_importances(model, sums, layers, importance, mode).items():
             batch_scores.setdefault(key, []).append(scores)
-
-    totals = calibration_pass(model, windows, layers, num_batches, on_batch, progress)
+        totals = sums if totals is None else totals.add_(sums)
     final = module_importances(model, totals, layers, importance, mode)
     return [
         ModuleScores(layer, kind, shape_of(model, layer), scores, instability(torch.stack(batch_scores[(layer, kind)])))
@@ -57,28 +85,45 @@ def shape_of(model: nn.Module, index: int) -> LayerShape:
 
 
 def module_importances(
-    model: nn.Module, sums: CalibrationSums, layers: list[int], importance: str, mode: str
+    model: nn.Module, sums: GradientSums, layers: list[int], importance: str, mode: str
 ) -> dict[Key, Tensor]:
+    """One score vector per (layer, kind): partial measures from this worker's rows, summed across workers."""
     measures = MEASURES if importance == "fused" else (importance,)
-    per_module = {}
+    partial = {}
     for index in layers:
         layer = decoder_layers(model)[index]
-        shape = layer_shape(layer)
         for kind in (ATTENTION, MLP):
-            modules = MODULES[kind]
-            per_module[(index, kind)] = group_measures(
-                weights={m: layer.get_submodule(m).weight.detach() for m in modules},
-                grad={m: sums.grad[weight_name(index, m)] for m in modules},
-                fisher={m: sums.fisher[weight_name(index, m)] for m in modules},
-                scaler_row={m: sums.scaler_row(index, m) for m in modules},
-                kind=kind,
-                shape=shape,
-                mode=mode,
-                measures=measures,
-            )
+            values = _partial_measures(layer, index, sums, kind, mode, measures)
+            partial.update({f"{index}/{kind}/{measure}": v for measure, v in values.items()})
+    all_reduce_in_order(partial)  # small vectors: one number per head or channel
+    per_module = {
+        (index, kind): finish_measures({m: partial[f"{index}/{kind}/{m}"] for m in measures})
+        for index in layers
+        for kind in (ATTENTION, MLP)
+    }
     if importance != "fused":
         return {key: values[importance] for key, values in per_module.items()}
     return fuse_per_kind(per_module)
+
+
+def _partial_measures(
+    layer: nn.Module, index: int, sums: GradientSums, kind: str, mode: str, measures: tuple[str, ...]
+) -> dict[str, Tensor]:
+    modules = MODULES[kind]
+    shards = {m: local_rows(layer.get_submodule(m).weight) for m in modules}
+    names = {m: f"model.layers.{index}.{m}.weight" for m in modules}
+    owners = {m: f"model.layers.{index}.{LINEAR_INPUT_OWNER[m]}.weight" for m in modules}
+    return group_measures(
+        weights={m: shards[m].tensor for m in modules},
+        grad={m: sums.plain[names[m]] for m in modules},
+        fisher={m: sums.power[names[m]] for m in modules},
+        scaler_row={m: sums.input_sq[owners[m]] / sums.sequences for m in modules},
+        kind=kind,
+        shape=layer_shape(layer),
+        mode=mode,
+        measures=measures,
+        row_starts={m: shards[m].row_offset for m in modules},
+    )
 
 
 def fuse_per_kind(per_module: dict[Key, dict[str, Tensor]]) -> dict[Key, Tensor]:

@@ -12,11 +12,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..distributed import Workers, copy_local_rows, gather_state, local_rows, shard_model
 from ..layerwise import decoder_layers
 from .groups import ATTENTION, COLUMN_MODULES, MLP, MODULES, LayerKeep, LayerShape, kept_lines, slice_weight
-from .modeling_pruned_llama import SIZE_KEYS
+from .modeling_pruned_llama import SIZE_KEYS, PrunedLlamaForCausalLM
 
 BUNDLED_MODELING_FILE = Path(__file__).with_name("modeling_pruned_llama.py")
 BUNDLED_CLASS = "PrunedLlamaForCausalLM"
@@ -35,26 +37,61 @@ def layer_shape(layer: nn.Module) -> LayerShape:
     )
 
 
-@torch.no_grad()
-def prune_layer_(layer: nn.Module, keep: LayerKeep) -> None:
-    """Remove everything `keep` does not list from the layer's seven Linears, in place."""
-    head_dim = layer.self_attn.head_dim
+def slice_layer_state(state: dict[str, Tensor], keep: LayerKeep, head_dim: int) -> dict[str, Tensor]:
+    """A decoder layer's full state (names relative to the layer) with the removed rows and columns gone."""
+    sliced = dict(state)
     for module in MODULES[ATTENTION] + MODULES[MLP]:
-        linear = layer.get_submodule(module)
-        linear.weight = nn.Parameter(slice_weight(module, linear.weight, keep, head_dim).clone())
-        if module in COLUMN_MODULES:
-            linear.in_features = linear.weight.shape[1]  # the bias belongs to the output: unchanged
-            continue
-        linear.out_features = linear.weight.shape[0]
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias[kept_lines(module, keep, head_dim).to(linear.bias.device)].clone())
-    # repeat_kv reads this at run time: query heads per KV head after pruning
-    layer.self_attn.num_key_value_groups = len(keep.query_heads) // len(keep.kv_heads)
+        sliced[f"{module}.weight"] = slice_weight(module, state[f"{module}.weight"], keep, head_dim)
+        bias = f"{module}.bias"
+        if bias in state and module not in COLUMN_MODULES:  # a column module's bias belongs to its output
+            sliced[bias] = state[bias][kept_lines(module, keep, head_dim).to(state[bias].device)]
+    return sliced
 
 
-def layer_sizes(model: nn.Module) -> list[dict[str, int]]:
-    shapes = [layer_shape(layer) for layer in decoder_layers(model)]
-    return [dict(zip(SIZE_KEYS, (s.num_heads, s.num_kv_heads, s.intermediate), strict=True)) for s in shapes]
+def kept_sizes(shapes: list[LayerShape], keeps: dict[int, LayerKeep]) -> list[dict[str, int]]:
+    """Every layer's head counts and MLP width after removal (protected layers as they were)."""
+    sizes = []
+    for index, shape in enumerate(shapes):
+        keep = keeps.get(index)
+        values = (
+            (shape.num_heads, shape.num_kv_heads, shape.intermediate)
+            if keep is None
+            else (len(keep.query_heads), len(keep.kv_heads), len(keep.channels))
+        )
+        sizes.append(dict(zip(SIZE_KEYS, values, strict=True)))
+    return sizes
+
+
+def build_on_meta(output: dict) -> nn.Module:
+    """The pruned architecture described by `output_config`, on the meta device (fp32 when materialised)."""
+    config = LlamaConfig(**output)
+    model_class = PrunedLlamaForCausalLM if "auto_map" in output else LlamaForCausalLM
+    with torch.device("meta"):
+        return model_class(config)
+
+
+@torch.no_grad()
+def rebuild_smaller(
+    model: nn.Module, keeps: dict[int, LayerKeep], output: dict, dtype: torch.dtype, workers: Workers
+) -> nn.Module:
+    """A new row-sharded model of the pruned architecture, filled one gathered layer at a time.
+
+    Weights are rounded to the saved dtype, so that what is evaluated and fine-tuned is exactly what is
+    written. The non-layer weights keep their shapes and so their sharding: local rows are copied directly.
+    """
+    smaller = shard_model(build_on_meta(output), workers)
+    head_dim = output["head_dim"]
+    for index, (layer, target) in enumerate(zip(decoder_layers(model), decoder_layers(smaller), strict=True)):
+        state = gather_state(layer)  # a collective: every worker, every layer, in order
+        if index in keeps:
+            state = slice_layer_state(state, keeps[index], head_dim)
+        for name, param in target.named_parameters():
+            copy_local_rows(param, state[name].to(dtype))
+    old = dict(model.named_parameters())
+    for name, param in smaller.named_parameters():
+        if not name.startswith("model.layers."):
+            local_rows(param).tensor.copy_(local_rows(old[name]).tensor)
+    return smaller
 
 
 def output_config(source: dict, sizes: list[dict[str, int]], head_dim: int) -> dict:
