@@ -77,6 +77,7 @@ def run(model: Path, workers: int, threads: int, args: argparse.Namespace, work:
     config = json.loads((model / "config.json").read_text())
     settings = {"prune": {"method": "wanda"}, "runtime": {"workers": workers}}
     settings["calibration"] = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": 4}
+    settings["evaluation"] = {"eval_after": False}
     largest = max(f.stat().st_size for f in model.glob("*.safetensors"))
     plan = plan_memory(build_config(settings), config, largest_file=largest)
     shape = ModelShape.from_config(config)

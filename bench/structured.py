@@ -7,6 +7,10 @@ recovery fine-tuning; greedy generation speed (tokens/s at batch 1 and 8) is mea
 model, dense included. Writes the `structured` section of bench/RESULTS.md.
 
     python bench/structured.py [--nsamples 32] [--seqlen 128] [--recover-steps 40] [--threads N]
+    python bench/structured.py --workers 2 --ratios 0.2 --variants 0   # the same job on 2 torchrun workers
+
+With --workers > 1 every prune runs under torchrun and the table goes to its own section
+(`structured-wN`), so the one-worker table stays as it is.
 """
 
 import argparse
@@ -43,9 +47,13 @@ def prune_variant(args: argparse.Namespace, out: Path, ratio: float, flags: list
         "out": out,
     }
     options = [item for name, value in settings.items() for item in (f"--{name}", str(value))]
-    wall, rss = run_child(
-        ["prune", "--method", "saap", "--model", "smollm2-135m", *flags, *options, *thread_flags(args), "--overwrite"]
-    )
+    command = ["prune", "--method", "saap", "--model", "smollm2-135m", *flags, *options, *thread_flags(args)]
+    if args.workers == 1:
+        wall, rss = run_child([*command, "--overwrite"])
+    else:
+        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.workers), "--master-addr",
+                    "127.0.0.1", "--master-port", "29534"]  # fmt: skip
+        wall, rss = run_child([*command, "--overwrite", "--launcher", "torchrun"], launcher)
     report = json.loads((out / "prune_report.json").read_text())
     return dict(report=report, wall=wall, rss=rss, speed=measure_speed(str(out), args))
 
@@ -91,10 +99,14 @@ def speed_child(model: str, new_tokens: int, threads: int | None) -> dict:
     return result
 
 
+def workers_text(workers: int) -> str:
+    return "one in-process worker" if workers == 1 else f"{workers} workers under torchrun"
+
+
 def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str) -> str:
     s = rows[0]["report"]["config"]["structured"]
     lines = [
-        "## Structured pruning (SAAP-style): SmolLM2-135M (real weights), one in-process worker",
+        f"## Structured pruning (SAAP-style): SmolLM2-135M (real weights), {workers_text(args.workers)}",
         "",
         f"Machine: {machine_line()}; children ran with {args.threads or 'the default number of'} torch threads.",
         f"Command: `{command}`.",
@@ -110,10 +122,11 @@ def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str
         f"{dense['speeds'][0]['batch8']:.1f} / {dense['speeds'][1]['batch8']:.1f} tok/s); the faster is the baseline.",
         "Reduction is of decoder-layer parameters (the target); `params` counts the whole model (tied embeddings once).",
         "",
-        "| variant | target | params | reduction | ppl pruned | ppl recovered | tok/s b1 | tok/s b8 | speed-up b1 / b8 | prune wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | target | params | reduction | ppl pruned | ppl recovered | tok/s b1 | tok/s b8 | speed-up b1 / b8 "
+        "| prune wall s | peak MiB per worker | plan MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| dense | - | {dense['params'] / 1e6:.1f}M | - | {dense['ppl']:.2f} | - | {dense['speed']['batch1']:.1f} "
-        f"| {dense['speed']['batch8']:.1f} | 1.00x / 1.00x | - |",
+        f"| {dense['speed']['batch8']:.1f} | 1.00x / 1.00x | - | - | - |",
     ]
     for row in rows:
         r, ppl, speed = row["report"], row["report"]["perplexity"], row["speed"]
@@ -123,7 +136,8 @@ def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str
         lines.append(
             f"| {row['variant']} | {row['ratio']:.0%} | {r['parameters']['model_after'] / 1e6:.1f}M "
             f"| {r['total_sparsity']:.2%} | {before:.2f} | {recovered} | {speed['batch1']:.1f} | {speed['batch8']:.1f} "
-            f"| {ups} | {row['wall']:.0f} |"
+            f"| {ups} | {row['wall']:.0f} | {' / '.join(str(w['peak_bytes'] // 2**20) for w in r['workers'])} "
+            f"| {r['memory_plan']['peak'] // 2**20} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -134,8 +148,10 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     workdir.mkdir(parents=True)
     dense_speeds = [measure_speed("smollm2-135m", args)]
     rows = []
-    for ratio in RATIOS:
+    for ratio in args.ratios:
         for number, (variant, flags) in enumerate(VARIANTS):
+            if number not in args.variants:
+                continue
             out = workdir / f"r{int(ratio * 100)}-v{number}"
             rows.append(dict(prune_variant(args, out, ratio, flags), variant=variant, ratio=ratio))
             print(variant, ratio, rows[-1]["report"]["perplexity"], rows[-1]["speed"], flush=True)
@@ -162,6 +178,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every child (default: torch's)")
     parser.add_argument("--workdir", default="bench/out/structured")
+    parser.add_argument("--workers", type=int, default=1, help="prune on this many torchrun workers")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--variants", type=int, nargs="+", default=list(range(len(VARIANTS))))
     parser.add_argument("--speed-of", help=argparse.SUPPRESS)  # child mode: measure one model's speed
     args = parser.parse_args()
     if args.speed_of:
@@ -169,7 +188,9 @@ def main() -> None:
         return
     dense, rows = run(args)
     command = ("python bench/structured.py " + " ".join(sys.argv[1:])).strip()
-    write_section("structured", render(args, dense, rows, command))
+    write_section(
+        "structured" if args.workers == 1 else f"structured-w{args.workers}", render(args, dense, rows, command)
+    )
 
 
 if __name__ == "__main__":

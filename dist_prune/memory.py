@@ -18,6 +18,11 @@ FP32 = 4
 # Interpreter, torch and transformers, measured on the CPU machines here (resident after import).
 RUNTIME_BASELINE = 450 * 2**20
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+EVAL_BATCH = 2  # evaluation windows per forward (worker.py)
+# Copies of the (batch, tokens, vocab) fp32 logits alive in an evaluation step: the logits, the flattened
+# copy, log-softmax inside cross-entropy, and what the allocator keeps from earlier steps (measured on
+# SmolLM2: about 6 x the logits above the loaded model).
+EVAL_LOGITS_COPIES = 6
 # Activations autograd keeps per token and layer for one backward, in units of hidden / intermediate size:
 # norms, q/k/v and their rotated copies, attention output, residuals (~10 x hidden); gate, up, act, product.
 SAVED_PER_TOKEN_HIDDEN = 10
@@ -108,6 +113,8 @@ def plan_memory(
         phases.update(_structured_phases(shape, w, config))
     elif method != "magnitude":
         phases["layer_loop"] = _layer_loop(shape, method, sequences, c.seqlen, c.batch_size)
+    if config.evaluation.eval_after:
+        phases["evaluation"] = _evaluation(shape, config.evaluation.eval_seqlen)
     # Every worker gathers the embeddings, final norm and lm_head in fp32 at the end; worker 0 converts them
     # to the saved dtype to write them.
     rest = (shape.total_params - shape.layers * shape.layer_params) * (FP32 + _dtype_bytes(model_config))
@@ -156,6 +163,13 @@ def _structured_phases(shape: ModelShape, workers: int, config: PruneConfig) -> 
         backward = _backward_activations(shape, sequences * c.seqlen, checkpointing=False)
         phases["recovery"] = adapters + backward + _gathered_layer(shape)  # the original model is gone by then
     return phases
+
+
+def _evaluation(shape: ModelShape, seqlen: int) -> int:
+    """A sharded forward of EVAL_BATCH windows: FSDP unshards the root (embeddings, lm_head) and one layer."""
+    logits = EVAL_LOGITS_COPIES * EVAL_BATCH * seqlen * shape.vocab * FP32
+    root = shape.vocab * shape.hidden * (1 if shape.tied else 2) * FP32
+    return logits + root + _gathered_layer(shape)
 
 
 def _dtype_bytes(model_config: dict) -> int:

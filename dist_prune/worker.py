@@ -39,6 +39,7 @@ from .distributed.evaluation import evaluation_steps, sharded_perplexity
 from .gradients import load_gradient_sums, save_gradient_sums
 from .layerwise import LINEAR_INPUT_OWNER, LayerInputs, capture_layer_inputs, collect_input_statistics, run_layer
 from .log import get_logger
+from .memory import EVAL_BATCH, plan_for
 from .methods import NEEDS_ACTIVATIONS, NEEDS_HESSIAN, prune_weight
 from .methods.scores import gradient_term
 from .progress import Progress
@@ -46,7 +47,6 @@ from .report import build_report, write_report_markdown
 from .writer import CheckpointWriter, write_run_files
 
 log = get_logger()
-EVAL_BATCH = 2
 
 
 def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -> dict | None:
@@ -79,6 +79,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         progress.timings["total"] = round(time.perf_counter() - started, 3)
         report = build_report(config, info, layers, perplexities, eval_windows, windows, progress.timings, workers)
         report["workers"] = memory
+        report["memory_plan"] = plan_for(config, info.path).to_dict()  # the prediction, beside the measurement
         write_run_files(writer, config, report, windows)
         write_report_markdown(writer.partial, report)
         writer.copy_from_source(info.path)

@@ -21,7 +21,7 @@ from ..distributed import Workers, gather_layer_state, gather_non_layer_state, l
 from ..errors import ConfigError
 from ..layerwise import decoder_layers
 from ..log import get_logger
-from ..memory import ModelShape
+from ..memory import ModelShape, plan_for
 from ..progress import Progress
 from ..report import perplexity_entry, run_environment, write_report_markdown
 from ..worker import evaluation_set, measure_perplexity, worker_memory
@@ -102,6 +102,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
             calibration={"sequences": windows.shape[0], "seqlen": windows.shape[1]},
             timings_s=dict(progress.timings),
             workers=memory,
+            memory_plan=plan_for(config, info.path).to_dict(),
             **run_environment(workers.world_size),
         )
         _write_outputs(writer, config, info, report, output, windows)
