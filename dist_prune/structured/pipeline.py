@@ -56,8 +56,8 @@ def check_structured(config: PruneConfig) -> CheckpointInfo:
     shapes = [config_layer_shape(info.config)] * info.num_layers
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
-    model = ModelShape.from_config(info.config)
-    check_capacity(plan_modules(shapes, layers), round(s.ratio * model.layers * model.layer_params))
+    whole = ModelShape.from_config(info.config)
+    check_capacity(plan_modules(shapes, layers), round(s.ratio * whole.layers * whole.layer_params))
     return info
 
 
