@@ -183,7 +183,12 @@ def _print_summary(report: dict, out: str) -> None:
     print(f"{'model'.ljust(width)}  perplexity")
     for name, value in rows:
         print(f"{name.ljust(width)}  {'-' if value is None else f'{value:.3f}'}")
-    print(f"sparsity {report['total_sparsity']:.4f} of decoder Linear weights; output: {out}")
+    if "parameters" in report:  # structured: what is gone is parameters, not zeros
+        p = report["parameters"]
+        print(f"removed {report['total_sparsity']:.2%} of decoder-layer parameters ({p['model_before']:,} -> "
+              f"{p['model_after']:,} in the model); output: {out}")  # fmt: skip
+    else:
+        print(f"sparsity {report['total_sparsity']:.4f} of decoder Linear weights; output: {out}")
     get_logger().info("report: %s/prune_report.json", out)
 
 

@@ -414,7 +414,7 @@ def test_cli_adaptive_with_recovery_writes_a_smaller_bundled_checkpoint(small_mo
     assert generated.shape == (1, 7)
 
 
-def test_cli_uniform_without_protection_is_stock_llama(small_model, text_file, tmp_path):
+def test_cli_uniform_without_protection_is_stock_llama(small_model, text_file, tmp_path, capsys):
     out = tmp_path / "uniform"
     report = run_saap(
         small_model,
@@ -431,6 +431,7 @@ def test_cli_uniform_without_protection_is_stock_llama(small_model, text_file, t
         "--importance",
         "element",
     )
+    assert "of decoder-layer parameters" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and config["head_dim"] == 16
     assert len({(s["heads_kept"], s["channels_kept"]) for s in report["structure"]}) == 1
