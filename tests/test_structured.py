@@ -369,12 +369,6 @@ def stored_keys(out: Path) -> set[str]:
     return set(json.loads((out / INDEX_FILE).read_text())["weight_map"])
 
 
-def logits(model, seed: int = 3) -> torch.Tensor:
-    tokens = torch.randint(0, 49152, (2, 20), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(input_ids=tokens).logits
-
-
 def test_cli_adaptive_with_recovery_writes_a_smaller_bundled_checkpoint(small_model, text_file, tmp_path):
     out = tmp_path / "adaptive"
     report = run_saap(
