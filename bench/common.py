@@ -78,12 +78,13 @@ def machine_line() -> str:
     )
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, leaving the other benchmarks' sections alone."""
+def write_section(name: str, body: str, results: Path | None = None) -> None:
+    """Replace this benchmark's section of RESULTS.md (or of `results`), leaving the other sections alone."""
+    results = results or RESULTS
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = (
-        RESULTS.read_text()
-        if RESULTS.exists()
+        results.read_text()
+        if results.exists()
         else "# Benchmark results\n\nEach section is written by the script it names.\n"
     )
     block = f"{start}\n{body.rstrip()}\n{end}"
@@ -91,4 +92,4 @@ def write_section(name: str, body: str) -> None:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    results.write_text(text)

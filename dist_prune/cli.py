@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     grad.set_defaults(handler=_grad)
 
     plan = commands.add_parser(
-        "plan", parents=[common], help="per-worker memory of each phase, from config.json alone; loads nothing"
+        "plan", parents=[common], help="device, host and scratch-disk bytes per worker, from config.json; loads nothing"
     )
     _add_config_flags(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
@@ -133,12 +133,15 @@ def _grad(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .assets import resolve_model
-    from .memory import format_plan, plan_for
+    from .memory import format_plan, plan_both
 
     config = load_config(args.config, _overrides(args))
-    memory = plan_for(config, resolve_model(config.model))
-    print(json.dumps(memory.to_dict()) if args.json else format_plan(memory))
-    return 0 if memory.fits else 3
+    plans = plan_both(config, resolve_model(config.model))
+    if args.json:
+        print(json.dumps({residency: plan.to_dict() for residency, plan in plans.items()}))
+    else:
+        print(format_plan(plans, config.runtime.scratch))
+    return 0 if any(plan.fits for plan in plans.values()) else 3
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -18,9 +18,12 @@ from typing import Any, get_type_hints
 import yaml
 
 from .errors import ConfigError
+from .registry import METHODS, method
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "saap")
 LAUNCHERS = ("local", "ray", "torchrun")
+RESIDENCIES = ("auto", "resident", "stream")
+ACTIVATION_STORAGES = ("auto", "memory", "disk")
+GRADIENT_DTYPES = ("fp32", "fp16")
 _UNITS = {
     "": 1,
     "b": 1,
@@ -51,6 +54,9 @@ class MethodConfig:
     """GBLM: "l2" -> sqrt(sum (s g)^2), "l1" -> sum |s g| over calibration sequences."""
     gradients: str | None = None
     """GBLM: a gradients.safetensors from `dist-prune grad` to reuse instead of a new gradient pass."""
+    gradient_dtype: str = "fp32"
+    """GBLM: dtype of the per-layer gradient sums kept in the scratch directory ("fp32", or "fp16" as the GBLM
+    reference stores them: half the scratch disk for very large models)."""
     sparsegpt_damp: float = 0.01
     """SparseGPT: diagonal damping as a fraction of mean(diag(H))."""
     sparsegpt_blocksize: int = 128
@@ -115,8 +121,17 @@ class RuntimeConfig:
     """Number of workers, each holding a row shard of every weight."""
     launcher: str = "local"
     """"local" (in-process, one worker), "ray" (Ray actors) or "torchrun" (this process is one rank)."""
+    residency: str = "auto"
+    """Where weights live: "stream" (a worker holds one decoder layer at a time, read from the checkpoint when
+    its turn comes), "resident" (each worker keeps its row block of every layer, in the checkpoint's dtype),
+    or "auto" (resident when the memory plan says it fits, else stream)."""
+    scratch: str | None = None
+    """Directory for scratch files (per-layer gradient sums, stored layer inputs); None: beside the output."""
+    activation_storage: str = "auto"
+    """Gradient pass: keep each layer's inputs in host "memory" or on "disk" in the scratch directory;
+    "auto" picks disk when the memory plan says host memory is short."""
     activation_checkpointing: bool = True
-    """Gradient pass: keep only each decoder layer's input and recompute the rest in backward (needed at 70B)."""
+    """Structured gradient pass: keep only each decoder layer's input and recompute the rest in backward."""
     device_memory: str | None = None
     """Memory one worker may use, e.g. "80GiB" (None: the device's total, or the host's available RAM)."""
     threads: int | None = None
@@ -251,7 +266,7 @@ def validate(config: PruneConfig) -> None:
     _check_types(config)
     if p.method not in METHODS:
         raise ConfigError(f"unknown method {p.method!r}; choose one of {', '.join(METHODS)}")
-    if p.method == "saap":
+    if method(p.method).structured:
         _validate_structured(config.structured, p.pattern)
     elif p.pattern is None and not 0.0 < p.sparsity < 1.0:
         raise ConfigError(f"sparsity must be strictly between 0 and 1, got {p.sparsity}")
@@ -262,6 +277,7 @@ def validate(config: PruneConfig) -> None:
         raise ConfigError(f"magnitude_scope must be 'matrix' or 'row', got {p.magnitude_scope!r}")
     if p.gblm_norm not in ("l1", "l2"):
         raise ConfigError(f"gblm_norm must be 'l1' or 'l2', got {p.gblm_norm!r}")
+    _one_of("gradient_dtype", p.gradient_dtype, GRADIENT_DTYPES)
     _positive("gblm_scale", p.gblm_scale)
     _positive("sparsegpt_damp", p.sparsegpt_damp)
     for name in ("sparsegpt_blocksize",):
@@ -279,6 +295,8 @@ def validate(config: PruneConfig) -> None:
     _positive("workers", r.workers)
     if r.launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {r.launcher!r}")
+    _one_of("residency", r.residency, RESIDENCIES)
+    _one_of("activation_storage", r.activation_storage, ACTIVATION_STORAGES)
     if r.device_memory is not None:
         parse_bytes(r.device_memory)
 
@@ -297,6 +315,11 @@ def _validate_structured(s: StructuredConfig, pattern: str | None) -> None:
     _positive("stability_batches", s.stability_batches)
     _positive("recover_rank", s.recover_rank)
     _positive("recover_lr", s.recover_lr)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _positive(name: str, value: float) -> None:

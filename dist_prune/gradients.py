@@ -1,25 +1,17 @@
-"""GBLM's gradient sums: which weights they cover, and their file format (`dist-prune grad` writes it,
-`prune --gradients` reads it). The pass itself is distributed/grad_pass.py."""
+"""GBLM's gradient sums file: its format (`dist-prune grad` writes it, `prune --gradients` reads it by rows)
+and its checks. The pass itself is distributed/layer_gradients.py."""
 
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
+from .adapter import LINEARS, linear_shapes, linear_weight_name
+from .distributed.process_group import local_share
 from .errors import ConfigError
-from .layerwise import decoder_layers, layer_linears
 
 GRADIENT_KIND = "dist_prune/gblm-gradient-sums"
-
-
-def decoder_linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Full parameter names of every decoder-layer Linear weight (lm_head excluded, as in the paper)."""
-    return {
-        f"model.layers.{i}.{name}.weight": linear.weight
-        for i, layer in enumerate(decoder_layers(model))
-        for name, linear in layer_linears(layer)
-    }
 
 
 def save_gradient_sums(
@@ -58,9 +50,34 @@ def load_gradient_sums(
         return {} if headers_only else {name: f.get_tensor(name) for name in f.keys()}
 
 
-def check_gradient_sums(shapes: dict[str, tuple[int, ...]], model: nn.Module) -> None:
-    """Saved sums (name -> shape) must cover exactly this model's decoder Linears, with the same shapes."""
-    expected = {name: tuple(p.shape) for name, p in decoder_linear_weights(model).items()}
+def check_gradient_file_shapes(path: Path, model_config: dict) -> None:
+    """A saved gradients file must cover exactly this model's decoder Linears, with the same shapes."""
+    shapes = linear_shapes(model_config)
+    expected = {
+        linear_weight_name(index, name): shape
+        for index in range(model_config["num_hidden_layers"])
+        for name, shape in shapes.items()
+    }
+    with safe_open(path, framework="pt") as f:
+        check_gradient_sums({name: f.get_slice(name).get_shape() for name in f.keys()}, expected)
+
+
+def read_layer_gradient_rows(path: Path, index: int, rank: int, world_size: int) -> dict[str, Tensor]:
+    """Worker `rank`'s rows of layer `index`'s saved sums, read with `get_slice`: no worker loads the whole
+    file (274 GB of fp32 sums at 70B)."""
+    rows = {}
+    with safe_open(path, framework="pt") as f:
+        for name in LINEARS:
+            full_name = linear_weight_name(index, name)
+            sliced = f.get_slice(full_name)
+            mine = local_share(sliced.get_shape()[0], rank, world_size)
+            rows[full_name] = sliced[mine.start : mine.stop]
+    return rows
+
+
+def check_gradient_sums(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Saved sums (name -> shape) must cover exactly the expected names, with the same shapes."""
+    expected = {name: tuple(shape) for name, shape in expected.items()}
     found = {name: tuple(shape) for name, shape in shapes.items()}
     if found != expected:
         missing = sorted(set(expected) - set(found))[:3]

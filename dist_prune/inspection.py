@@ -13,10 +13,10 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
+from .adapter import LINEAR_INPUT_OWNER
 from .checkpoint import INDEX_FILE, SINGLE_FILE, check_safetensors_file, listed_weight_files
 from .config import parse_pattern
 from .errors import CheckpointError
-from .layerwise import LINEAR_INPUT_OWNER
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 DECODER_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")

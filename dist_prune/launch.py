@@ -16,6 +16,7 @@ from .config import PruneConfig
 from .errors import ConfigError, DistPruneError
 from .log import get_logger, setup_logging
 from .progress import Progress
+from .registry import method
 
 log = get_logger()
 
@@ -40,17 +41,21 @@ def launch(job: str, config: PruneConfig, progress: Progress):
 
 
 def run_job(job: str, config: PruneConfig, workers, progress: Progress):
-    from .worker import gradients_on_worker, prune_on_worker
+    from .job import gradients_on_worker, prune_on_worker
 
+    threads = torch.get_num_threads()
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    if job == "prune" and config.prune.method == "saap":
-        from .structured.pipeline import prune_structured_on_worker
+    try:
+        if job == "grad":
+            return gradients_on_worker(config, Path(config.out), workers, progress)
+        if method(config.prune.method).structured:
+            from .structured.pipeline import prune_structured_on_worker
 
-        return prune_structured_on_worker(config, workers, progress)
-    if job == "prune":
+            return prune_structured_on_worker(config, workers, progress)
         return prune_on_worker(config, workers, progress)
-    return gradients_on_worker(config, Path(config.out), workers, progress)
+    finally:
+        torch.set_num_threads(threads)  # an in-process job must not change its caller's thread count
 
 
 def _in_process(job: str, config: PruneConfig, progress: Progress):
@@ -73,11 +78,30 @@ def _torchrun_rank(job: str, config: PruneConfig, progress: Progress):
     if not workers.is_main:
         progress = Progress("quiet")  # one view of the job: worker 0's, whose steps all workers share
     setup_logging(quiet=progress.mode == "quiet", rank=workers.rank, world_size=workers.world_size)
-    config = replace(config, runtime=replace(config.runtime, workers=workers.world_size))
     try:
-        return run_job(job, config, workers, progress)
+        return run_job(job, _as_rank0_decided(config), workers, progress)
     finally:
         teardown()
+
+
+def torchrun_world(config: PruneConfig) -> PruneConfig:
+    """Under torchrun the world is torchrun's: the driver plans for WORLD_SIZE workers, whatever --workers says."""
+    if config.runtime.launcher != "torchrun" or "WORLD_SIZE" not in os.environ:
+        return config
+    return replace(config, runtime=replace(config.runtime, workers=int(os.environ["WORLD_SIZE"])))
+
+
+def _as_rank0_decided(config: PruneConfig) -> PruneConfig:
+    """Every torchrun rank runs the driver and resolves "auto" from its own free memory; ranks that chose
+    differently would deadlock in mismatched collectives, so all take rank 0's choices."""
+    import torch.distributed as dist
+
+    chosen = [config]
+    dist.broadcast_object_list(chosen, src=0)
+    r = chosen[0].runtime
+    return replace(
+        config, runtime=replace(config.runtime, residency=r.residency, activation_storage=r.activation_storage)
+    )
 
 
 def _ray(job: str, config: PruneConfig, progress: Progress):

@@ -1,30 +1,18 @@
-"""Layer-sequential calibration: capture what decoder layer 0 receives, then walk the layers.
+"""Layer-sequential calibration: what decoder layer 0 receives, then one layer at a time.
 
 For each layer the caller runs the calibration batches once with hooks on the Linears (statistics), prunes,
 then runs them again to produce the inputs of the next layer from the pruned weights.
 """
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .adapter import LINEAR_INPUT_OWNER, Stem
 from .methods.stats import InputStatistics
-
-# Decoder-layer Linears, and the one whose input each shares: q/k/v read the same normed hidden states,
-# gate/up the same MLP input, so one accumulator serves each group.
-LINEAR_INPUT_OWNER = {
-    "self_attn.q_proj": "self_attn.q_proj",
-    "self_attn.k_proj": "self_attn.q_proj",
-    "self_attn.v_proj": "self_attn.q_proj",
-    "self_attn.o_proj": "self_attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_proj",
-    "mlp.up_proj": "mlp.gate_proj",
-    "mlp.down_proj": "mlp.down_proj",
-}
 
 
 @dataclass
@@ -40,39 +28,15 @@ class LayerInputs:
         return sum(h.shape[0] for h in self.hidden)
 
 
-class _Captured(Exception):
-    pass
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
-
-
-def layer_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-    for name in LINEAR_INPUT_OWNER:
-        yield name, layer.get_submodule(name)
-
-
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, batches: list[Tensor]) -> LayerInputs:
-    """Run the embeddings of each token batch and stop at layer 0, keeping its exact inputs."""
-    captured = LayerInputs(hidden=[], kwargs=[])
-
-    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        captured.kwargs.append(dict(kwargs))
-        raise _Captured
-
-    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for tokens in batches:
-            try:
-                model(input_ids=tokens, use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
+def embed_batches(stem: Stem, batches: list[Tensor]) -> LayerInputs:
+    """Layer 0's inputs for each token batch, with the keyword arguments each needs."""
+    hidden, kwargs = [], []
+    for tokens in batches:
+        h, kw = stem(tokens)
+        hidden.append(h)
+        kwargs.append(kw)
+    return LayerInputs(hidden, kwargs)
 
 
 @torch.no_grad()

@@ -1,24 +1,36 @@
 """Memory plan: per-worker bytes of each phase, from a model's config.json alone (no weights needed).
 
-The numbers model the engine as built: fp32 compute copies of the weights sharded by rows over the
-workers, fp32 gradient sums sharded the same way, each worker holding its share of the calibration
-sequences, and one decoder layer gathered at a time. They are estimates; bench/scale.py puts them beside
-measurements.
+The unstructured methods walk the model one decoder layer at a time. Under the `stream` residency a worker
+holds at most one decoder layer (as read from the checkpoint, plus a copy in the compute dtype); under
+`resident` each worker also keeps its row block of every decoder layer in the checkpoint's dtype. The
+structured method (saap) runs on FSDP: fp32 row shards of the whole model, always resident.
+
+Three budgets are planned: the device (GPU memory, or host memory on a CPU run), the host (what a CUDA run
+keeps in RAM: the stored layer inputs of GBLM's gradient pass when they are kept in memory), and the scratch
+disk (GBLM's per-layer gradient rows, and the stored layer inputs when they go to disk). They are
+estimates; bench/scale.py puts them beside measurements.
 """
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
 
-FP32 = 4
+FP32, FP64 = 4, 8
+GRADIENT_BYTES = {"fp32": 4, "fp16": 2}
 # Interpreter, torch and transformers, measured on the CPU machines here (resident after import).
 RUNTIME_BASELINE = 450 * 2**20
+# A CUDA worker's host process: the runtime plus the CUDA context and pinned staging buffers.
+CUDA_HOST_BASELINE = 2 * RUNTIME_BASELINE
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
-EVAL_BATCH = 2  # evaluation windows per forward (worker.py)
+EVAL_BATCH = 2  # evaluation windows per forward (job.py)
+# How many evaluation windows to plan for when eval_windows is None: the count depends on the text, which
+# the plan does not read (set eval_windows for an exact plan).
+DEFAULT_EVAL_WINDOWS = 64
 # Copies of the (batch, tokens, vocab) fp32 logits alive in an evaluation step: the logits, the flattened
 # copy, log-softmax inside cross-entropy, and what the allocator keeps from earlier steps (measured on
 # SmolLM2: about 6 x the logits above the loaded model).
@@ -27,6 +39,16 @@ EVAL_LOGITS_COPIES = 6
 # norms, q/k/v and their rotated copies, attention output, residuals (~10 x hidden); gate, up, act, product.
 SAVED_PER_TOKEN_HIDDEN = 10
 SAVED_PER_TOKEN_MLP = 4
+# Workers on one host share its memory: one worker per GPU, and GPU hosts carry at most 8 GPUs.
+GPUS_PER_HOST = 8
+# Stored layer inputs stay in host memory only while they take at most this share of what is available:
+# the rest is for the page cache that reads the checkpoint, and for everything else on the host.
+HOST_SHARE_FOR_STORED_INPUTS = 0.5
+RESIDENCY_PREFERENCE = ("resident", "stream")  # auto: the first that fits (resident reads the checkpoint once)
+RESIDENCY_DESCRIPTIONS = {
+    "resident": "each worker keeps its row block of every decoder layer for the whole run",
+    "stream": "a worker holds one decoder layer at a time, read from the checkpoint when its turn comes",
+}
 
 
 @dataclass(frozen=True)
@@ -69,63 +91,330 @@ class ModelShape:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return self.layers * self.layer_params + embeddings + self.hidden
 
+    @property
+    def input_widths(self) -> tuple[int, ...]:
+        """Inputs of a decoder layer's Linears, one per group sharing an input: q/k/v, o, gate/up, down."""
+        return (self.hidden, self.heads * self.head_dim, self.mlp)
+
+    @property
+    def widest_matrix(self) -> int:
+        return self.hidden * self.mlp  # gate, up and down
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    residency: str  # "resident" or "stream"
+    activation_storage: str  # where GBLM's gradient pass keeps each layer's inputs: "memory" or "disk"
+    device: str  # "cuda" or "cpu"
     workers: int
     parameters: int
-    phases: dict[str, int]  # bytes per worker on top of the sharded weights, by phase
-    weights: int  # bytes per worker: the sharded fp32 weights
+    checkpoint_bytes: int  # bytes per value of the checkpoint's dtype
+    phases: dict[str, int]  # device bytes per worker on top of the runtime and the resident weights, by phase
+    weights: int  # device bytes per worker: the resident weights (0 when streaming)
     baseline: int
-    limit: int | None
+    host_peak: int  # host bytes per worker; on a CPU run the host is the device
+    stored_inputs: int  # bytes per worker of the layer inputs GBLM's gradient pass keeps, wherever they are
+    scratch: int  # scratch-disk bytes per worker
+    limit: int | None  # device bytes one worker may use
+    host_limit: int | None  # the host's available memory
 
     @property
     def peak(self) -> int:
+        """The device peak per worker."""
         return self.baseline + self.weights + max(self.phases.values(), default=0)
 
     @property
+    def workers_per_host(self) -> int:
+        return min(self.workers, GPUS_PER_HOST) if self.device == "cuda" else self.workers
+
+    @property
+    def host_fits(self) -> bool:
+        """On a CPU run the device limit already is host memory; a CUDA run also needs its host's RAM."""
+        if self.device == "cpu" or self.host_limit is None:
+            return True
+        return self.host_peak * self.workers_per_host <= self.host_limit
+
+    @property
     def fits(self) -> bool:
-        return self.limit is None or self.peak <= self.limit
+        return (self.limit is None or self.peak <= self.limit) and self.host_fits
 
     def to_dict(self) -> dict:
         return dict(asdict(self), peak=self.peak, fits=self.fits)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """The sizes every formula of a layer-by-layer run uses, for one worker."""
+
+    shape: ModelShape
+    method: str
+    device: str
+    workers: int
+    sequences: int  # calibration sequences this worker holds (0: the method needs none)
+    seqlen: int
+    batch: int  # calibration sequences per forward
+    eval_windows: int  # this worker's evaluation windows (0: no evaluation)
+    eval_seqlen: int
+    stored: int  # bytes per value of the checkpoint's dtype
+    compute: int  # bytes per value of the compute dtype
+    gradient: int  # bytes per value of the gradient rows kept in the scratch directory
+    gradient_pass: bool
+
+    @property
+    def layer(self) -> int:
+        """One decoder layer as read (or gathered) in the checkpoint's dtype, and its compute copy."""
+        return self.shape.layer_params * (self.stored + self.compute)
+
+    @property
+    def hidden_states(self) -> int:
+        """This worker's calibration hidden states at one layer boundary."""
+        return self.sequences * self.seqlen * self.shape.hidden * self.compute
+
+    @property
+    def eval_hidden_states(self) -> int:
+        """This worker's evaluation hidden states at one layer boundary, for the dense and the pruned model."""
+        return 2 * self.eval_windows * self.eval_seqlen * self.shape.hidden * self.compute
+
+    @property
+    def stored_inputs(self) -> int:
+        """The gradient pass keeps every layer's input for the backward that comes down the layers."""
+        return self.shape.layers * self.hidden_states if self.gradient_pass else 0
+
+    def own_rows(self, params: int, value_bytes: int) -> int:
+        return math.ceil(params * value_bytes / self.workers)
+
+
 def plan_memory(
-    config: PruneConfig, model_config: dict, limit: int | None = None, largest_file: int | None = None
+    config: PruneConfig,
+    model_config: dict,
+    limit: int | None = None,
+    largest_file: int | None = None,
+    host_limit: int | None = None,
 ) -> MemoryPlan:
-    """`largest_file`: bytes of the checkpoint's largest safetensors file (HF's default 5 GB shard if unknown)."""
+    """The plan of the run as it will go: "auto" residency and activation storage resolved.
+
+    `largest_file`: bytes of the checkpoint's largest safetensors file (HF's default 5 GB shard if unknown)."""
+    return _chosen(_plans(config, model_config, limit, largest_file, host_limit))
+
+
+def check_residency(config: PruneConfig) -> None:
+    if config.prune.method == "saap" and config.runtime.residency == "stream":
+        raise ConfigError(
+            "saap runs resident only (FSDP keeps each worker's fp32 row shard of the whole model); "
+            "use --residency resident or auto"
+        )
+
+
+def _plans(
+    config: PruneConfig, model_config: dict, limit: int | None, largest_file: int | None, host_limit: int | None
+) -> dict[str, MemoryPlan]:
+    """The plan of each residency the config leaves open, in order of preference."""
+    check_residency(config)
+    if config.prune.method == "saap":
+        return {"resident": _fsdp_plan(config, model_config, limit, largest_file, host_limit)}
+    asked = config.runtime.residency
+    residencies = RESIDENCY_PREFERENCE if asked == "auto" else (asked,)
+    return {r: _with_storage(config, model_config, r, limit, host_limit) for r in residencies}
+
+
+def _chosen(plans: dict[str, MemoryPlan]) -> MemoryPlan:
+    """The first that fits; else the last (streaming: the least device memory), for check_fits to refuse."""
+    return next((plan for plan in plans.values() if plan.fits), list(plans.values())[-1])
+
+
+def _with_storage(
+    config: PruneConfig, model_config: dict, residency: str, limit: int | None, host_limit: int | None
+) -> MemoryPlan:
+    """Activation storage "auto": host memory when the stored inputs leave room there, else the scratch disk."""
+    asked = config.runtime.activation_storage
+    limits = (limit, host_limit)
+    in_memory = _layerwise_plan(config, model_config, residency, "memory" if asked == "auto" else asked, *limits)
+    if asked != "auto" or _stored_inputs_leave_room(in_memory):
+        return in_memory
+    return _layerwise_plan(config, model_config, residency, "disk", *limits)
+
+
+def _stored_inputs_leave_room(plan: MemoryPlan) -> bool:
+    """On a CPU run the stored inputs also count against the device limit."""
+    on_host = plan.stored_inputs * plan.workers_per_host
+    host_share = plan.host_limit is None or on_host <= HOST_SHARE_FOR_STORED_INPUTS * plan.host_limit
+    return host_share and (plan.device == "cuda" or plan.fits)
+
+
+def _run(config: PruneConfig, model_config: dict) -> _Run:
+    c, e, w = config.calibration, config.evaluation, config.runtime.workers
+    method, device = config.prune.method, compute_device(config)
+    stored = dtype_bytes(model_config)
+    sequences = 0 if method == "magnitude" else worker_sequences(c.nsamples, c.batch_size, w)
+    eval_windows = math.ceil((e.eval_windows or DEFAULT_EVAL_WINDOWS) / w) if e.eval_after else 0
+    return _Run(
+        shape=ModelShape.from_config(model_config),
+        method=method,
+        device=device,
+        workers=w,
+        sequences=sequences,
+        seqlen=c.seqlen,
+        batch=min(c.batch_size, sequences),
+        eval_windows=eval_windows,
+        eval_seqlen=e.eval_seqlen,
+        stored=stored,
+        compute=compute_bytes(device, stored),
+        gradient=GRADIENT_BYTES[config.prune.gradient_dtype],
+        gradient_pass=method == "gblm" and not config.prune.gradients,
+    )
+
+
+def worker_sequences(nsamples: int, batch_size: int, workers: int) -> int:
+    """Batches go whole to workers: the largest share is the rounded-up number of batches per worker."""
+    batches_per_worker = math.ceil(math.ceil(nsamples / batch_size) / workers)
+    return min(nsamples, batches_per_worker * batch_size)
+
+
+def _layerwise_plan(
+    config: PruneConfig, model_config: dict, residency: str, storage: str, limit: int | None, host_limit: int | None
+) -> MemoryPlan:
+    run = _run(config, model_config)
+    shape = run.shape
+    in_host_memory = run.stored_inputs if storage == "memory" else 0
+    phases = {"stem": _stem(run)}
+    if run.gradient_pass:
+        on_device = in_host_memory if run.device == "cpu" else 0  # a CPU run's host is its device
+        phases["gradient_pass"] = _layerwise_gradient_pass(run) + on_device
+    phases["layer_loop"] = _layer_loop(run)
+    phases["head"] = _head(run)
+    weights = run.own_rows(shape.layers * shape.layer_params, run.stored) if residency == "resident" else 0
+    return MemoryPlan(
+        residency=residency,
+        activation_storage=storage,
+        device=run.device,
+        workers=run.workers,
+        parameters=shape.total_params,
+        checkpoint_bytes=run.stored,
+        phases=phases,
+        weights=weights,
+        baseline=RUNTIME_BASELINE,
+        host_peak=_host_peak(run.device, weights, phases, in_host_memory),
+        stored_inputs=run.stored_inputs,
+        scratch=run.stored_inputs - in_host_memory + _gradient_rows(run),
+        limit=limit,
+        host_limit=host_limit,
+    )
+
+
+def _host_peak(device: str, weights: int, phases: dict[str, int], in_host_memory: int) -> int:
+    """A CPU run's host is its device; a CUDA worker keeps its process and the stored inputs in memory."""
+    if device == "cpu":
+        return RUNTIME_BASELINE + weights + max(phases.values())
+    return CUDA_HOST_BASELINE + in_host_memory
+
+
+def _gradient_rows(run: _Run) -> int:
+    """Each worker writes its rows of every layer's gradient sums; the layer loop reads and deletes them."""
+    if not run.gradient_pass:
+        return 0
+    return run.own_rows(run.shape.layers * run.shape.layer_linear_params, run.gradient)
+
+
+def _stem(run: _Run) -> int:
+    """The embedding (as read, and its compute copy), and the hidden states it makes: layer 0's inputs
+    (evaluation: dense and pruned)."""
+    embedding = run.shape.vocab * run.shape.hidden * (run.stored + run.compute)
+    return embedding + run.hidden_states + run.eval_hidden_states
+
+
+def _head(run: _Run) -> int:
+    """Final norm and lm_head, on the last layer's evaluation outputs, and the logits of one step."""
+    head = run.shape.vocab * run.shape.hidden * (run.stored + run.compute)  # as read, and its compute copy
+    logits = EVAL_LOGITS_COPIES * EVAL_BATCH * run.eval_seqlen * run.shape.vocab * FP32 if run.eval_windows else 0
+    return head + run.eval_hidden_states + logits
+
+
+def _layer_loop(run: _Run) -> int:
+    """One layer: its inputs and outputs, one forward's activations, the statistics, and the pruning of the
+    widest matrix (scores and masks of this worker's rows, then the whole pruned matrix gathered)."""
+    shape = run.shape
+    boundaries = 2 * (run.hidden_states + run.eval_hidden_states)
+    tokens = max(run.batch * run.seqlen, EVAL_BATCH * run.eval_seqlen if run.eval_windows else 0)
+    activations = tokens * (4 * shape.hidden + 3 * shape.mlp) * run.compute
+    masks = 3 * run.own_rows(shape.widest_matrix, FP32)
+    gathered = shape.widest_matrix * run.compute
+    return run.layer + boundaries + activations + _statistics(run) + masks + gathered
+
+
+def _statistics(run: _Run) -> int:
+    """What scoring needs beyond the layer. Wanda's and GBLM's per-column sums of x^2 are negligible."""
+    shape = run.shape
+    if run.method == "sparsegpt":
+        widest = max(shape.input_widths)
+        # Collecting: X X^T per input group in fp64, and one batch's fp32 X^T X of the widest input.
+        collecting = sum(width * width for width in shape.input_widths) * FP64 + widest * widest * FP32
+        # Pruning: the sums rounded to fp32 (InputStatistics.round_once), H and Hinv of the widest input, and
+        # the fp32 copy of this worker's rows that OBS updates in place.
+        sums = sum(width * width for width in shape.input_widths) * FP32
+        pruning = sums + 2 * widest * widest * FP32 + run.own_rows(shape.widest_matrix, FP32)
+        return max(collecting, pruning)
+    if run.method == "gblm":
+        return run.own_rows(shape.layer_linear_params, FP32)  # this layer's gradient rows, read back as fp32
+    return 0
+
+
+def _layerwise_gradient_pass(run: _Run) -> int:
+    """The top-down backward, one layer and one sequence at a time (distributed/layer_gradients.py)."""
+    shape = run.shape
+    linear = shape.layer_linear_params
+    # The fp64 sums; each weight's fp32 gradient (and its scaled square) is added the moment backward makes
+    # it and dropped, so only the widest matrix's is counted.
+    sums = linear * FP64 + 2 * shape.widest_matrix * FP32
+    own_rows = run.own_rows(linear, run.gradient)  # kept until written to the scratch directory
+    hidden_and_gradients = 2 * run.hidden_states
+    recompute = run.seqlen * (SAVED_PER_TOKEN_HIDDEN * shape.hidden + SAVED_PER_TOKEN_MLP * shape.mlp) * run.compute
+    # The head's logits for one sequence; the head's weights are smaller than the layer counted here.
+    logits = 3 * run.seqlen * shape.vocab * FP32
+    # The layer as read is dropped once its compute copy is built, before the sums exist.
+    compute_copy = shape.layer_params * run.compute
+    backward = max(shape.layer_params * run.stored, sums + own_rows + recompute)
+    return compute_copy + backward + hidden_and_gradients + logits
+
+
+def _fsdp_plan(
+    config: PruneConfig, model_config: dict, limit: int | None, largest_file: int | None, host_limit: int | None
+) -> MemoryPlan:
+    """saap: fp32 compute copies of the weights sharded by rows over the workers (FSDP), fp32 gradient sums
+    sharded the same way, one decoder layer gathered at a time."""
     shape = ModelShape.from_config(model_config)
     w = config.runtime.workers
-    method = config.prune.method
     c = config.calibration
-    sequences = -(-c.nsamples // w)  # the largest share when N does not divide evenly
     checkpointing = config.runtime.activation_checkpointing
-    source_bytes = shape.total_params * _dtype_bytes(model_config)
+    source_bytes = shape.total_params * dtype_bytes(model_config)
     # Loading reads this worker's rows through mmap, one file at a time: those pages count as resident
     # until the file is closed.
     phases = {"load": min(largest_file or HF_SHARD_BYTES, source_bytes) // w}
-    if method == "gblm":
-        phases["gradient_pass"] = _gradient_pass(shape, w, c.seqlen, checkpointing, sum_sets=1)
-    if method == "saap":
-        # plain and squared sums, for the batch and the running totals, and the plain reduce-scatter buffers
-        phases["gradient_pass"] = _gradient_pass(shape, w, c.seqlen, checkpointing, sum_sets=5)
-        phases.update(_structured_phases(shape, w, config))
-    elif method != "magnitude":
-        phases["layer_loop"] = _layer_loop(shape, method, sequences, c.seqlen, c.batch_size)
+    # plain and squared sums, for the batch and the running totals, and the plain reduce-scatter buffers
+    phases["gradient_pass"] = _fsdp_gradient_pass(shape, w, c.seqlen, checkpointing, sum_sets=5)
+    phases.update(_structured_phases(shape, w, config))
     if config.evaluation.eval_after:
-        phases["evaluation"] = _evaluation(shape, config.evaluation.eval_seqlen)
+        phases["evaluation"] = _fsdp_evaluation(shape, config.evaluation.eval_seqlen)
     # Every worker gathers the embeddings, final norm and lm_head in fp32 at the end; worker 0 converts them
     # to the saved dtype to write them.
-    rest = (shape.total_params - shape.layers * shape.layer_params) * (FP32 + _dtype_bytes(model_config))
+    rest = (shape.total_params - shape.layers * shape.layer_params) * (FP32 + dtype_bytes(model_config))
     phases["write"] = max(_gathered_layer(shape), rest)
+    device = compute_device(config)
+    weights = -(-shape.total_params * FP32 // w)
     return MemoryPlan(
+        residency="resident",
+        activation_storage="memory",
+        device=device,
         workers=w,
         parameters=shape.total_params,
+        checkpoint_bytes=dtype_bytes(model_config),
         phases=phases,
-        weights=-(-shape.total_params * FP32 // w),
+        weights=weights,
         baseline=RUNTIME_BASELINE,
+        host_peak=_host_peak(device, weights, phases, 0),
+        stored_inputs=0,
+        scratch=0,
         limit=limit,
+        host_limit=host_limit,
     )
 
 
@@ -134,7 +423,7 @@ def _gathered_layer(shape: ModelShape) -> int:
     return 2 * shape.layer_params * FP32
 
 
-def _gradient_pass(shape: ModelShape, workers: int, seqlen: int, checkpointing: bool, sum_sets: int) -> int:
+def _fsdp_gradient_pass(shape: ModelShape, workers: int, seqlen: int, checkpointing: bool, sum_sets: int) -> int:
     sharded_sums = -(-shape.layers * shape.layer_linear_params * FP32 // workers)  # one fp32 set, sharded
     sharded_grads = sharded_sums  # FSDP's sharded .grad between reduce-scatters
     unsharded_layer_grad = shape.layer_linear_params * FP32
@@ -165,39 +454,39 @@ def _structured_phases(shape: ModelShape, workers: int, config: PruneConfig) -> 
     return phases
 
 
-def _evaluation(shape: ModelShape, seqlen: int) -> int:
+def _fsdp_evaluation(shape: ModelShape, seqlen: int) -> int:
     """A sharded forward of EVAL_BATCH windows: FSDP unshards the root (embeddings, lm_head) and one layer."""
     logits = EVAL_LOGITS_COPIES * EVAL_BATCH * seqlen * shape.vocab * FP32
     root = shape.vocab * shape.hidden * (1 if shape.tied else 2) * FP32
     return logits + root + _gathered_layer(shape)
 
 
-def _dtype_bytes(model_config: dict) -> int:
+def dtype_bytes(model_config: dict) -> int:
     name = model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
     return 2 if name in ("bfloat16", "float16") else 4
 
 
-def _layer_loop(shape: ModelShape, method: str, sequences: int, seqlen: int, batch: int) -> int:
-    hidden_states = 2 * sequences * seqlen * shape.hidden * FP32  # this layer's inputs and outputs
-    stem = shape.vocab * shape.hidden * FP32  # the full embedding, while computing layer 0's inputs
-    batch_tokens = min(batch, sequences) * seqlen
-    transient = batch_tokens * (4 * shape.hidden + 3 * shape.mlp) * FP32
-    stats = 0
-    if method == "sparsegpt":
-        widths = (shape.hidden, shape.heads * shape.head_dim, shape.hidden, shape.mlp)
-        stats = sum(n * n for n in widths) * FP32 + 2 * max(widths) ** 2 * FP32  # H per input group, Hinv
-        stats += 2 * shape.hidden * shape.mlp * FP32  # the fp32 working copy of the widest weight
-    else:
-        stats = 3 * shape.hidden * shape.mlp * FP32  # score and mask of the widest weight
-    return hidden_states + max(stem, transient + stats + _gathered_layer(shape))
+def compute_device(config: PruneConfig) -> str:
+    """The device the workers compute on; "auto" is CUDA only where this process sees one."""
+    device = config.runtime.device
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def compute_bytes(device: str, checkpoint_bytes: int) -> int:
+    """As adapter.compute_dtype: the checkpoint's half precision on CUDA, fp32 on the CPU."""
+    return checkpoint_bytes if device == "cuda" else FP32
 
 
 def available_memory(device: str) -> int | None:
-    """The limit to plan against when none is given: a CUDA device's total, or the host's available RAM."""
+    """A CUDA device's total memory, or the host's available RAM ("cpu"); None when unknown."""
     import torch
 
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     if os.path.exists("/proc/meminfo"):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -205,37 +494,107 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def plan_for(config: PruneConfig, model_path: Path) -> MemoryPlan:
+def read_model_config(model_path: Path) -> tuple[dict, int | None]:
+    """config.json, and the bytes of the checkpoint's largest safetensors file (None without weights)."""
     config_file = model_path / "config.json" if model_path.is_dir() else model_path
     if not config_file.is_file():
         raise CheckpointError(f"no config.json at {model_path}")
-    model_config = json.loads(config_file.read_text())
-    r = config.runtime
-    limit = parse_bytes(r.device_memory) if r.device_memory else available_memory(r.device)
     files = list(model_path.glob("*.safetensors")) if model_path.is_dir() else []
-    return plan_memory(config, model_config, limit, max((f.stat().st_size for f in files), default=None))
+    return json.loads(config_file.read_text()), max((f.stat().st_size for f in files), default=None)
+
+
+def _limits(config: PruneConfig) -> tuple[int | None, int | None]:
+    """(device limit per worker, the host's available memory)."""
+    r = config.runtime
+    limit = parse_bytes(r.device_memory) if r.device_memory else available_memory(compute_device(config))
+    return limit, available_memory("cpu")
+
+
+def plan_both(config: PruneConfig, model_path: Path) -> dict[str, MemoryPlan]:
+    """The plans `dist-prune plan` shows: resident and stream for "auto" (saap: resident only), else the one
+    asked for; each with its activation storage resolved."""
+    model_config, largest_file = read_model_config(model_path)
+    limit, host_limit = _limits(config)
+    return _plans(config, model_config, limit, largest_file, host_limit)
+
+
+def plan_for(config: PruneConfig, model_path: Path) -> MemoryPlan:
+    """The plan of the run as it will go: "auto" residency and activation storage resolved."""
+    return _chosen(plan_both(config, model_path))
+
+
+def resolve_runtime(config: PruneConfig, model_path: Path) -> PruneConfig:
+    """The config with residency and activation storage decided (resident and host memory when they fit);
+    the driver calls this once and hands the result to every worker."""
+    plan = plan_for(config, model_path)
+    runtime = replace(config.runtime, residency=plan.residency, activation_storage=plan.activation_storage)
+    return replace(config, runtime=runtime)
 
 
 def check_fits(plan: MemoryPlan) -> None:
-    if not plan.fits:
+    if plan.fits:
+        return
+    if not plan.host_fits:
         raise ConfigError(
-            f"this run needs about {gib(plan.peak)} per worker but {gib(plan.limit or 0)} is available; "
-            f"use more workers (--workers), fewer calibration sequences, or a larger --device-memory"
+            f"this run keeps {gib(plan.host_peak)} per worker in host memory, {plan.workers_per_host} worker(s) per "
+            f"host, but {gib(plan.host_limit or 0)} is available; use --activation-storage disk (or auto)"
         )
+    raise ConfigError(
+        f"this run needs about {gib(plan.peak)} per worker but {gib(plan.limit or 0)} is available; "
+        f"use --residency stream, more workers (--workers), fewer calibration sequences, or a larger --device-memory"
+    )
 
 
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def format_plan(plan: MemoryPlan) -> str:
+def format_plan(plans: dict[str, MemoryPlan], scratch_dir: str | None = None) -> str:
+    """A table per residency, then the one the run would use."""
+    first = next(iter(plans.values()))
+    dtype = {2: "16-bit", 4: "fp32"}[first.checkpoint_bytes]
+    header = f"model: {first.parameters / 1e9:.3f}B parameters ({dtype}); {first.workers} worker(s) on {first.device}"
+    tables = [_format_one(plan, scratch_dir) for plan in plans.values()]
+    chosen = _chosen(plans)
+    verdict = f"the run would use: {chosen.residency}" if chosen.fits else "nothing fits"
+    return "\n\n".join([header, *tables, verdict])
+
+
+def _format_one(plan: MemoryPlan, scratch_dir: str | None) -> str:
     lines = [
-        f"model: {plan.parameters / 1e9:.3f}B parameters; {plan.workers} worker(s); per worker:",
-        f"  {'runtime (python, torch)':<28} {gib(plan.baseline):>12}",
-        f"  {'weights (fp32, row shard)':<28} {gib(plan.weights):>12}",
+        f"residency {plan.residency}: {RESIDENCY_DESCRIPTIONS[plan.residency]}",
+        f"  {'per worker':<32} {'GiB':>9}",
+        _row("runtime (python, torch)", plan.baseline),
+        _row("resident weights (row block)", plan.weights),
+        *(_row("+ " + phase, extra) for phase, extra in plan.phases.items()),
+        _row("device peak", plan.peak, f"limit {_maybe_gib(plan.limit)}"),
+        _row("host memory", plan.host_peak, _host_note(plan)),
+        _row("scratch disk", plan.scratch, _scratch_note(plan, scratch_dir)),
+        f"  verdict: {'fits' if plan.fits else 'DOES NOT FIT'}",
     ]
-    lines += [f"  {'+ ' + phase:<28} {gib(extra):>12}" for phase, extra in plan.phases.items()]
-    limit = "unknown" if plan.limit is None else gib(plan.limit)
-    verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines.append(f"  {'peak':<28} {gib(plan.peak):>12}   limit {limit}: {verdict}")
     return "\n".join(lines)
+
+
+def _row(label: str, value: int, note: str = "") -> str:
+    return f"  {label:<32} {value / 2**30:>9.2f}" + (f"   {note}" if note else "")
+
+
+def _maybe_gib(value: int | None) -> str:
+    return "unknown" if value is None else gib(value)
+
+
+def _host_note(plan: MemoryPlan) -> str:
+    in_memory = plan.stored_inputs if plan.activation_storage == "memory" else 0
+    stored = f"incl. stored layer inputs {gib(in_memory)}; " if in_memory else ""
+    if plan.device == "cpu":
+        return f"{stored}the host is the device"
+    on_host = gib(plan.host_peak * plan.workers_per_host)
+    return f"{stored}{plan.workers_per_host} worker(s) per host: {on_host}, {_maybe_gib(plan.host_limit)} available"
+
+
+def _scratch_note(plan: MemoryPlan, scratch_dir: str | None) -> str:
+    if not plan.scratch:
+        return ""
+    stored = plan.stored_inputs if plan.activation_storage == "disk" else 0
+    parts = [f"gradient rows {gib(plan.scratch - stored)}"] + ([f"stored layer inputs {gib(stored)}"] if stored else [])
+    return f"{' + '.join(parts)}, in {scratch_dir or 'the directory holding the output'}"

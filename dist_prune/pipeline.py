@@ -8,42 +8,54 @@ import time
 from pathlib import Path
 
 from .assets import resolve_model
-from .checkpoint import check_pattern_fits, inspect_checkpoint, load_model, load_tokenizer
+from .checkpoint import CheckpointInfo, check_pattern_fits, inspect_checkpoint, load_model, load_tokenizer
 from .config import PruneConfig
 from .data import evaluation_windows, load_text, tokenize
 from .errors import ConfigError
-from .gradients import load_gradient_sums
-from .launch import launch
-from .memory import check_fits, plan_for
+from .gradients import check_gradient_file_shapes, load_gradient_sums
+from .launch import launch, torchrun_world
+from .memory import check_fits, plan_for, resolve_runtime
 from .metrics import perplexity
 from .progress import Progress
+from .registry import method
 
 
 def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
     """Prune with the configured launcher; returns the report (None on torchrun ranks other than 0)."""
-    if config.prune.method == "saap":
+    if method(config.prune.method).structured:
         from .structured.pipeline import check_structured  # imported when used: it loads transformers
 
         info = check_structured(config)
     else:
         info = inspect_checkpoint(resolve_model(config.model))
         check_pattern_fits(info, config.nm)
-    check_fits(plan_for(config, info.path))
     if Path(config.out).exists() and not config.runtime.overwrite:
         raise ConfigError(f"output {config.out} already exists (pass --overwrite to replace it)")
-    p = config.prune
-    if p.method == "gblm" and p.gradients:
-        c = config.calibration
-        load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen, headers_only=True)
-    return launch("prune", config, progress or Progress("quiet"))
+    if method(config.prune.method).gradients and config.prune.gradients:
+        _check_gradients_file(config, info)
+    return launch("prune", _resolved(config, info), progress or Progress("quiet"))
 
 
 def compute_gradients(config: PruneConfig, out: Path, progress: Progress | None = None) -> Path | None:
     """`dist-prune grad`: the GBLM gradient pass alone, saved for later `prune --gradients FILE` runs."""
-    inspect_checkpoint(resolve_model(config.model))
+    info = inspect_checkpoint(resolve_model(config.model))
     if out.exists() and not config.runtime.overwrite:
         raise ConfigError(f"gradients file {out} already exists (pass --overwrite to replace it)")
-    return launch("grad", config, progress or Progress("quiet"))
+    return launch("grad", _resolved(config, info), progress or Progress("quiet"))
+
+
+def _resolved(config: PruneConfig, info: CheckpointInfo) -> PruneConfig:
+    """Residency and activation storage decided once, here, from the memory plan; the workers get the result."""
+    config = resolve_runtime(torchrun_world(config), info.path)
+    check_fits(plan_for(config, info.path))
+    return config
+
+
+def _check_gradients_file(config: PruneConfig, info: CheckpointInfo) -> None:
+    """Made for this run's scale, norm and calibration size, and for this model's shapes."""
+    p, c = config.prune, config.calibration
+    load_gradient_sums(Path(p.gradients), p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen, headers_only=True)
+    check_gradient_file_shapes(Path(p.gradients), info.config)
 
 
 def evaluate_model(

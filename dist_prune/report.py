@@ -21,6 +21,7 @@ from . import __version__
 from .checkpoint import CheckpointInfo
 from .config import PruneConfig
 from .inspection import TensorRef, read_crop, tensor_refs
+from .registry import method
 
 REPORT_FILE = "report.md"
 DPI = 100
@@ -30,8 +31,6 @@ PERPLEXITY_FIGSIZE = (5.0, 3.5)
 MASK_FIGSIZE = (5.0, 5.0)
 STRUCTURE_FIGSIZE = (8.0, 5.0)
 MASK_CROP = 256
-# Methods whose masks come from calibration scores: where the GBLM paper sees row/column structure appear.
-MASK_PICTURE_METHODS = ("wanda", "sparsegpt", "gblm")
 PERPLEXITY, SPARSITY, MASKS, STRUCTURE, TIMINGS = "Perplexity", "Sparsity per layer", "Masks", "Structure", "Timings"
 
 
@@ -61,7 +60,7 @@ def draw_plots(out_dir: Path, report: dict) -> list[Plot]:
     perplexities = _perplexities(report)
     if perplexities:
         plots.append(Plot(PERPLEXITY, "perplexity", plot_perplexity(perplexities, out_dir / "report-perplexity.png")))
-    if report["method"] in MASK_PICTURE_METHODS:
+    if method(report["method"]).mask_pictures:
         for ref in mask_pictured_weights(out_dir, layers):
             path = out_dir / f"report-mask-{ref.name.removesuffix('.weight').replace('.', '-')}.png"
             plots.append(Plot(MASKS, f"mask of {ref.name}", plot_mask(ref, path)))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .checkpoint import INDEX_FILE
 from .errors import DistPruneError
+from .report import write_report_markdown
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -99,9 +100,16 @@ class CheckpointWriter:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_run_files(writer: CheckpointWriter, config, report: dict, windows: Tensor | None) -> None:
-    """What makes a run reproducible and auditable: the report, the resolved config, the windows used."""
+def finish_run(
+    writer: CheckpointWriter, config, report: dict, windows: Tensor | None, source: Path, model_config: dict,
+    dtype: torch.dtype,
+) -> Path:  # fmt: skip
+    """What makes a run reproducible and auditable (the report with its plots, the resolved config, the windows
+    used), the tokenizer, config and index; then the directory is published."""
     if windows is not None:
         writer.save_tensors("calibration.safetensors", {"input_ids": windows})
     writer.write_json("prune_report.json", report)
     (writer.partial / "prune_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_report_markdown(writer.partial, report)
+    writer.copy_from_source(source)
+    return writer.finish(model_config, dtype)

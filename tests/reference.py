@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from dist_prune.gradients import decoder_linear_weights
+from dist_prune.adapter import decoder_linear_weights
 from dist_prune.methods.scores import accumulate_sample_gradient
 
 

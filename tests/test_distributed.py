@@ -16,7 +16,6 @@ from conftest import write_tiny_llama
 from reference import gradient_pass, plain_and_input_sums
 from safetensors.torch import load_file, save_file
 
-from dist_prune.layerwise import capture_layer_inputs, run_layer
 from dist_prune.methods.masks import prune_lowest_in_matrix
 from dist_prune.methods.sparsegpt import sparsegpt_prune
 from dist_prune.methods.stats import InputStatistics
@@ -67,6 +66,9 @@ def sharded_checkpoint(path: Path) -> Path:
 
 def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
     torch.set_num_threads(1)  # two cores shared by up to three workers
+    from transformers import AutoConfig
+
+    from dist_prune.adapter import EMBEDDING, Stem, build_layer
     from dist_prune.distributed.collectives import (
         ShardSelector,
         all_reduce_layer_statistics,
@@ -74,14 +76,14 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         select_lowest_global,
     )
     from dist_prune.distributed.grad_pass import GradientRequest, gather_gradient_sums, sharded_gradient_pass
+    from dist_prune.distributed.layer_gradients import ActivationStore, Scratch, layerwise_gradient_pass
     from dist_prune.distributed.process_group import init_workers, local_share, teardown
+    from dist_prune.distributed.residency import ResidentStore, StreamStore
     from dist_prune.distributed.sharded_model import (
         gather_layer_state,
         gather_non_layer_state,
-        input_stem,
-        linear_weight_shards,
         load_sharded_model,
-        plain_layer,
+        local_rows,
     )
 
     workers = init_workers(rank, world, "127.0.0.1", port)
@@ -93,18 +95,35 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
             **gather_layer_state(tied, 1),
             **gather_non_layer_state(tied),
         }
-        result["shards"] = {
-            name: (s.row_offset, s.total_rows, s.tensor.clone())
-            for name, s in linear_weight_shards(tied.model.layers[1]).items()
+        shards = {
+            name: local_rows(m.weight) for name, m in tied.model.layers[1].named_modules() if name.endswith("proj")
         }
+        result["shards"] = {name: (s.row_offset, s.total_rows, s.tensor.clone()) for name, s in shards.items()}
         untied = load_sharded_model(data["untied"], workers)
         result["untied_state"] = {**gather_layer_state(untied, 0), **gather_non_layer_state(untied)}
 
         windows = data["windows"]
         mine = local_share(NSEQ, rank, world)
-        stem, layer0 = input_stem(tied, workers.device), plain_layer(tied, 0)
-        inputs = capture_layer_inputs(stem, [windows[mine.start : mine.stop]])
-        result["layer0_out"] = (mine.start, run_layer(layer0, inputs).hidden[0])
+        model_config = AutoConfig.from_pretrained(data["tied"])
+        resident = ResidentStore(data["tied"], 2, True, workers)
+        stem = Stem(model_config, resident.rest()[EMBEDDING], torch.float32)
+        layer0 = build_layer(model_config, 0, resident.layer(0), torch.float32)
+        hidden, kwargs = stem(windows[mine.start : mine.stop])
+        result["layer0_out"] = (mine.start, layer0(hidden, **kwargs))
+        result["resident_layer1"] = resident.layer(1)
+        result["resident_bytes"] = resident.resident_bytes
+
+        for norm, storage in (("l2", "memory"), ("l1", "disk")):
+            sums: dict = {}
+            keep = sums.update  # bound now: the pass calls it with each layer's sums
+            with Scratch(out, f"rank{rank}") as scratch:
+                activations = ActivationStore(scratch if storage == "disk" else None, workers.device)
+                stream = StreamStore(data["tied"], 2, True)
+                loss = layerwise_gradient_pass(
+                    stream, model_config, windows, SCALE, norm, workers, activations, torch.float32,
+                    lambda _index, layer_sums, keep=keep: keep(layer_sums),
+                )  # fmt: skip
+            result[f"layerwise_{norm}"] = (sums, loss)
 
         for norm in ("l2", "l1"):
             sums = sharded_gradient_pass(tied, windows, workers, GradientRequest(SCALE, norm))
@@ -120,7 +139,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
             "sequences": sums.sequences,
         }
 
-        for shard in linear_weight_shards(tied.model.layers[1]).values():
+        for shard in shards.values():
             shard.tensor.mul_(2.0)  # what writing pruned rows back does
         result["doubled_layer1"] = gather_layer_state(tied, 1)
 
@@ -193,14 +212,21 @@ def reference(data) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(data["tied"], dtype=torch.float32).eval()
-    inputs = capture_layer_inputs(model, [data["windows"]])
+    layer0_out = []
+    handle = model.model.layers[0].register_forward_hook(lambda _m, _a, out: layer0_out.append(out))
+    with torch.no_grad():
+        model(input_ids=data["windows"], use_cache=False)
+    handle.remove()
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss for w in data["windows"]]
     stats = InputStatistics(7, with_hessian=True)
     for x in data["activations"]:
         stats.update(x[None])
     return {
         "grad_l2": gradient_pass(model, data["windows"], SCALE, "l2"),
         "grad_l1": gradient_pass(model, data["windows"], SCALE, "l1"),
-        "layer0_out": run_layer(model.model.layers[0], inputs).hidden[0],
+        "layer0_out": layer0_out[0],
+        "loss": float(sum(losses) / len(losses)),
         "structured": plain_and_input_sums(model, data["windows"], INPUT_OWNERS),
         "stats": (stats.sum_sq, stats.sum_xxt, stats.count),
     }
@@ -247,7 +273,31 @@ def test_writing_local_rows_changes_the_gathered_layer(data, results):
         assert torch.equal(tensor, expected[name] * factor), name
 
 
-def test_stem_and_plain_layer_reproduce_layer_outputs(reference, results):
+def test_resident_layers_gather_the_checkpoint(data, results):
+    expected = checkpoint_tensors(data["tied"])
+    for r in results:
+        assert set(r["resident_layer1"]) == {n for n in expected if n.startswith("model.layers.1.")}
+        for name, tensor in r["resident_layer1"].items():
+            assert torch.equal(tensor, expected[name]), name
+    layers = sum(t.numel() * t.element_size() for n, t in expected.items() if n.startswith("model.layers."))
+    assert sum(r["resident_bytes"] for r in results) == layers  # each row held by exactly one worker
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_layerwise_grad_pass_equals_single_process(reference, results, norm):
+    """One decoder layer at a time, with stored inputs in memory (l2) or in scratch files (l1), against the
+    whole model's backward one sequence at a time; sequences split unevenly over the workers."""
+    expected = reference[f"grad_{norm}"]
+    for r in results:
+        got, loss = r[f"layerwise_{norm}"]
+        assert set(got) == set(expected)
+        for name, tensor in got.items():
+            assert tensor.dtype == torch.float64  # the caller rounds once
+            torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-6, atol=0.0, msg=name)
+        assert loss == pytest.approx(reference["loss"], rel=1e-6)
+
+
+def test_stem_and_built_layer_reproduce_layer_outputs(reference, results):
     for r in results:
         start, out = r["layer0_out"]
         torch.testing.assert_close(out, reference["layer0_out"][start : start + out.shape[0]], rtol=1e-5, atol=1e-6)

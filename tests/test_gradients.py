@@ -5,10 +5,11 @@ import torch
 from reference import gradient_pass
 from safetensors.torch import save_file
 
+from dist_prune.adapter import decoder_linear_weights
 from dist_prune.config import ConfigError
 from dist_prune.gradients import (
+    check_gradient_file_shapes,
     check_gradient_sums,
-    decoder_linear_weights,
     load_gradient_sums,
     save_gradient_sums,
 )
@@ -128,7 +129,7 @@ def test_save_load_round_trip(tmp_path, sums, model):
     loaded = load_gradient_sums(path, 100.0, "l2", 2, 16)
     assert set(loaded) == set(sums)
     assert all(torch.equal(loaded[n], sums[n]) for n in sums)
-    check_gradient_sums({n: t.shape for n, t in loaded.items()}, model)  # matches the model: no error
+    check_gradient_file_shapes(path, model.config.to_dict())  # matches the model's config.json: no error
 
 
 @pytest.mark.parametrize("scale,norm", [(100.0, "l1"), (10.0, "l2"), (100.5, "l2"), (1.0, "l1")])
@@ -149,15 +150,16 @@ def test_load_refuses_missing_and_foreign_files(tmp_path, sums):
 
 
 def test_check_gradient_sums_rejects_mismatch(sums, model):
+    expected = {name: tuple(p.shape) for name, p in decoder_linear_weights(model).items()}
     missing = dict(sums)
     missing.pop(next(iter(missing)))
     with pytest.raises(ConfigError, match="do not match"):
-        check_gradient_sums({n: t.shape for n, t in missing.items()}, model)
+        check_gradient_sums({n: t.shape for n, t in missing.items()}, expected)
     misshapen = dict(sums)
     name = next(iter(misshapen))
     misshapen[name] = misshapen[name][:, :-1]
     with pytest.raises(ConfigError, match="do not match"):
-        check_gradient_sums({n: t.shape for n, t in misshapen.items()}, model)
+        check_gradient_sums({n: t.shape for n, t in misshapen.items()}, expected)
 
 
 @pytest.mark.parametrize("nsamples,seqlen", [(4, 16), (2, 32)])

@@ -130,9 +130,24 @@ def test_input_statistics_batches_merge_like_one_batch():
     a.update(batches[0])
     b.update(batches[1])
     merged_sum_sq = a.tensors()[0] + b.tensors()[0]
-    assert torch.allclose(merged_sum_sq / (a.count + b.count), whole.scaler_row(), rtol=1e-6)
+    assert torch.allclose((merged_sum_sq / (a.count + b.count)).float(), whole.scaler_row(), rtol=1e-6)
     # and not an average of the two averages
     assert not torch.allclose((a.scaler_row() + b.scaler_row()) / 2, whole.scaler_row(), rtol=1e-3)
+
+
+def test_input_statistics_do_not_depend_on_the_order_of_batches():
+    """fp32 batch sums added in fp64 and rounded once: any order (any split over workers) gives the same bits."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 64, 48, generator=g) * scale for scale in (1.0, 3.0, 0.2, 7.0, 0.5, 1.5)]
+    results = []
+    for order in (range(6), reversed(range(6)), (3, 0, 5, 1, 4, 2)):
+        stats = InputStatistics(48, with_hessian=True)
+        for i in order:
+            stats.update(batches[i])
+        results.append((stats.scaler_row(), stats.hessian()))
+    for scaler_row, hessian in results[1:]:
+        assert torch.equal(scaler_row, results[0][0]) and torch.equal(hessian, results[0][1])
+    assert results[0][0].dtype == results[0][1].dtype == torch.float32
 
 
 def test_input_statistics_without_hessian_refuses_hessian():

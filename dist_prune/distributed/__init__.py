@@ -8,19 +8,16 @@ from .collectives import (
     all_reduce_statistics,
     select_lowest_global,
 )
-from .grad_pass import GradientRequest, GradientSums, gather_gradient_sums, read_gradient_rows, sharded_gradient_pass
-from .process_group import Workers, free_port, init_from_env, init_workers, local_share, teardown
+from .grad_pass import GradientRequest, GradientSums, gather_gradient_sums, sharded_gradient_pass
+from .process_group import Workers, batch_share, free_port, init_from_env, init_workers, local_share, teardown
 from .sharded_model import (
     RowShard,
     copy_local_rows,
     gather_layer_state,
     gather_non_layer_state,
     gather_state,
-    input_stem,
-    linear_weight_shards,
     load_sharded_model,
     local_rows,
-    plain_layer,
     shard_model,
 )
 
@@ -33,6 +30,7 @@ __all__ = [
     "all_reduce_in_order",
     "all_reduce_layer_statistics",
     "all_reduce_statistics",
+    "batch_share",
     "copy_local_rows",
     "free_port",
     "gather_gradient_sums",
@@ -41,14 +39,10 @@ __all__ = [
     "gather_state",
     "init_from_env",
     "init_workers",
-    "input_stem",
-    "linear_weight_shards",
     "load_sharded_model",
     "local_rows",
     "local_share",
-    "plain_layer",
     "select_lowest_global",
-    "read_gradient_rows",
     "shard_model",
     "sharded_gradient_pass",
     "teardown",

@@ -143,3 +143,21 @@ def sum_across_workers(values: list[float], device: torch.device) -> list[float]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     _all_reduce(tensor)
     return tensor.tolist()
+
+
+def gather_rows(local: Tensor, total_rows: int) -> Tensor:
+    """The full tensor on every worker from each worker's `row_block` of its leading dimension (a collective).
+
+    Blocks may differ in size by one row; they are padded to the largest for the all-gather and trimmed."""
+    if not _distributed():
+        return local
+    from .process_group import local_share
+
+    world = dist.get_world_size()
+    blocks = [local_share(total_rows, rank, world) for rank in range(world)]
+    largest = max(len(b) for b in blocks)
+    padded = local.new_zeros((largest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    everyone = local.new_empty((world * largest, *local.shape[1:]))
+    dist.all_gather_single(everyone, padded)
+    return torch.cat([everyone[rank * largest : rank * largest + len(b)] for rank, b in enumerate(blocks)])

@@ -13,18 +13,15 @@ the reduce-scatter, so the hook applies the power itself.
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.tensor import DTensor, Shard
 
-from ..gradients import check_gradient_sums, decoder_linear_weights
-from ..layerwise import decoder_layers
+from ..adapter import decoder_layers, decoder_linear_weights
 from ..log import get_logger
 from ..methods.scores import accumulate_sample_gradient
 from .collectives import all_reduce_in_order
@@ -290,17 +287,3 @@ def _gather_rows(param: nn.Parameter, local: Tensor) -> Tensor:
         return local
     spec = DTensor.from_local(local, param.device_mesh, [Shard(0)], shape=param.shape, stride=param.stride())
     return spec.full_tensor()
-
-
-def read_gradient_rows(path: Path, model: nn.Module) -> dict[str, Tensor]:
-    """This worker's rows of saved gradient sums, read with `get_slice`: no worker loads the whole file
-    (274 GB of fp32 sums at 70B). Names and shapes must match the model's decoder Linears."""
-    targets = decoder_linear_weights(model)
-    with safe_open(path, framework="pt") as f:
-        check_gradient_sums({name: f.get_slice(name).get_shape() for name in f.keys()}, model)
-        rows = {}
-        for name, param in targets.items():
-            shard = local_rows(param)
-            block = f.get_slice(name)[shard.row_offset : shard.row_offset + shard.tensor.shape[0]]
-            rows[name] = block.float().contiguous().to(shard.tensor.device)
-    return rows

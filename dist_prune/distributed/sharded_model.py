@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..adapter import decoder_layers
 from ..checkpoint import INDEX_FILE, SINGLE_FILE
 from ..errors import CheckpointError
-from ..layerwise import decoder_layers
 from ..log import get_logger
 from .process_group import Workers
 
@@ -139,11 +139,6 @@ def local_rows(param: nn.Parameter) -> RowShard:
     return RowShard(local, offset[0], param.shape[0])
 
 
-def linear_weight_shards(layer: nn.Module) -> dict[str, RowShard]:
-    """Local row shards of every Linear weight in a module, keyed like `self_attn.q_proj`."""
-    return {name: local_rows(m.weight) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
 @torch.no_grad()
 def gather_state(module: nn.Module) -> dict[str, Tensor]:
     """Full tensors of a module's state (parameters and persistent buffers), on every worker.
@@ -175,35 +170,3 @@ def _full(t: Tensor) -> Tensor:
         return t.clone()
     full = t.full_tensor()
     return full.clone() if t.device_mesh.size() == 1 else full
-
-
-def plain_layer(model: nn.Module, index: int) -> nn.Module:
-    """An ordinary (non-FSDP) copy of decoder layer `index` with full weights, for data-parallel calibration.
-
-    FSDP's forward is a collective, so workers with different numbers of calibration sequences could not
-    run the sharded layer; a plain copy lets each worker run exactly its own share.
-    """
-    layer = decoder_layers(model)[index]
-    with torch.device("meta"):
-        plain = _unsharded_class(layer)(model.config, index)
-    plain.load_state_dict(gather_state(layer), assign=True)
-    return plain.eval()
-
-
-def input_stem(model: nn.Module, device: torch.device) -> nn.Module:
-    """A plain model on the meta device except for full embeddings and rotary buffers.
-
-    Enough for `layerwise.capture_layer_inputs`, which stops at decoder layer 0: each worker computes
-    layer 0's inputs for its own sequences without any collective.
-    """
-    embedding = _full(model.get_input_embeddings().weight.detach())
-    with torch.device("meta"):
-        stem = _unsharded_class(model)(model.config)
-    stem.get_input_embeddings().weight = nn.Parameter(embedding, requires_grad=False)
-    rebuild_nonpersistent_buffers(stem, device)
-    return stem.eval()
-
-
-def _unsharded_class(module: nn.Module) -> type:
-    """fully_shard swaps a module's class for an FSDP subclass; the original is the first base outside FSDP."""
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))

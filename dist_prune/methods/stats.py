@@ -2,6 +2,10 @@
 
 Raw sums merge across batches and workers by plain addition; the division by N happens once, in
 `scaler_row` / `hessian`, so nothing is ever averaged twice.
+
+Each batch's sums are computed in fp32 and added into fp64 accumulators, rounded to fp32 once at the end:
+fp32 numbers of similar size add exactly in fp64, so the result does not depend on the order in which
+batches (and workers) are summed, and masks do not depend on how the sequences were split.
 """
 
 import torch
@@ -12,9 +16,9 @@ class InputStatistics:
     """sum_{n,t} x^2 per input feature (Wanda, GBLM) and optionally sum_{n,t} x x^T (SparseGPT)."""
 
     def __init__(self, in_features: int, with_hessian: bool, device: torch.device | str = "cpu"):
-        self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.sum_xxt = (
-            torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if with_hessian else None
+            torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if with_hessian else None
         )
         self.count = 0
 
@@ -23,18 +27,25 @@ class InputStatistics:
         flat = x.reshape(-1, x.shape[-1]).float()  # (batch * tokens, in)
         self.sum_sq += flat.square().sum(dim=0)
         if self.sum_xxt is not None:
-            self.sum_xxt.addmm_(flat.T, flat)
+            self.sum_xxt += flat.T @ flat
         self.count += x.shape[0] if x.dim() == 3 else 1
+
+    def round_once(self) -> None:
+        """Once every batch and worker is in: the fp64 sums become fp32, halving what the layer holds
+        (SparseGPT's X X^T of down_proj is 1.5 GB in fp64 at 13B)."""
+        self.sum_sq = self.sum_sq.float()
+        if self.sum_xxt is not None:
+            self.sum_xxt = self.sum_xxt.float()
 
     def tensors(self) -> list[Tensor]:
         """The raw sums, for a cross-worker sum."""
         return [t for t in (self.sum_sq, self.sum_xxt) if t is not None]
 
     def scaler_row(self) -> Tensor:
-        return self.sum_sq / self.count
+        return (self.sum_sq / self.count).float()
 
     def hessian(self) -> Tensor:
         """SparseGPT's H = (2/N) sum X X^T."""
         if self.sum_xxt is None:
             raise ValueError("these statistics were collected without the Hessian")
-        return self.sum_xxt * (2.0 / self.count)
+        return (self.sum_xxt * (2.0 / self.count)).float()

@@ -13,19 +13,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..adapter import decoder_layers
 from ..assets import resolve_model
-from ..checkpoint import CheckpointInfo, inspect_checkpoint, load_tokenizer
+from ..checkpoint import CheckpointInfo, inspect_checkpoint
 from ..config import PruneConfig
-from ..data import calibration_windows
 from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
+from ..distributed.evaluation import evaluation_steps, sharded_perplexity
 from ..errors import ConfigError
-from ..layerwise import decoder_layers
+from ..job import token_windows, worker_memory
 from ..log import get_logger
-from ..memory import ModelShape, plan_for
+from ..memory import EVAL_BATCH, ModelShape, plan_for
 from ..progress import Progress
-from ..report import perplexity_entry, run_environment, write_report_markdown
-from ..worker import evaluation_set, measure_perplexity, worker_memory
-from ..writer import CheckpointWriter, write_run_files
+from ..report import perplexity_entry, run_environment
+from ..writer import CheckpointWriter, finish_run
 from .allocation import Module, allocate, check_capacity
 from .groups import (
     ATTENTION,
@@ -67,10 +67,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
     info = inspect_checkpoint(resolve_model(config.model))
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
-    with progress.phase("tokenize"):
-        tokenizer = load_tokenizer(info.path)
-        windows = calibration_windows(config, tokenizer)
-        eval_windows = evaluation_set(config, tokenizer) if config.evaluation.eval_after else None
+    windows, eval_windows = token_windows(config, info.path, progress)
     writer = CheckpointWriter(Path(config.out), info.num_layers, config.runtime.overwrite) if workers.is_main else None
     with writer or nullcontext():
         with progress.phase("load"):
@@ -89,7 +86,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
             _measure(perplexities, "before_recovery", model, eval_windows, workers, progress)
             losses = _recover(model, windows, layers, config, info, workers, progress)
         _measure(perplexities, "pruned", model, eval_windows, workers, progress)
-        memory = worker_memory(model, workers, progress)
+        memory = worker_memory(_weight_bytes(model), workers, progress)
         _write_weights(writer, model, info)  # a collective: every worker gathers, worker 0 writes
         if writer is None:
             return None
@@ -210,6 +207,18 @@ def _measure(
         perplexities[name] = measure_perplexity(model, eval_windows, workers, progress, f"{name}_eval")
 
 
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of this worker's row shards."""
+    return sum(local_rows(p).tensor.numel() * local_rows(p).tensor.element_size() for p in model.parameters())
+
+
+def measure_perplexity(model: nn.Module, windows: Tensor, workers: Workers, progress: Progress, phase: str) -> float:
+    with progress.phase(phase, total=evaluation_steps(windows.shape[0], workers, EVAL_BATCH)) as advance:
+        value = sharded_perplexity(model, windows, workers, EVAL_BATCH, advance)
+    log.info("%s perplexity %.3f", phase.removesuffix("_eval"), value)
+    return value
+
+
 def _write_weights(writer: CheckpointWriter | None, model: nn.Module, info: CheckpointInfo) -> None:
     dtype = info.source_dtype
     for index in range(len(decoder_layers(model))):
@@ -224,11 +233,8 @@ def _write_weights(writer: CheckpointWriter | None, model: nn.Module, info: Chec
 def _write_outputs(
     writer: CheckpointWriter, config: PruneConfig, info: CheckpointInfo, report: dict, output: dict, windows: Tensor
 ) -> None:
-    write_run_files(writer, config, report, windows)
-    write_report_markdown(writer.partial, report)
-    writer.copy_from_source(info.path)
     copy_modeling_file(output, writer.partial)
-    writer.finish(output, info.source_dtype)
+    finish_run(writer, config, report, windows, info.path, output, info.source_dtype)
 
 
 def build_report(

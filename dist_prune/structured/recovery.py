@@ -20,9 +20,9 @@ from itertools import cycle
 import torch
 from torch import Tensor, nn
 
+from ..adapter import decoder_layers
 from ..distributed import Workers, all_reduce_in_order, local_rows, local_share
 from ..distributed.collectives import sum_across_workers
-from ..layerwise import decoder_layers
 from ..log import get_logger
 from .groups import ATTENTION, MLP, MODULES
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..adapter import LINEAR_INPUT_OWNER, decoder_layers
 from ..distributed import (
     GradientRequest,
     GradientSums,
@@ -26,7 +27,6 @@ from ..distributed import (
     local_share,
     sharded_gradient_pass,
 )
-from ..layerwise import LINEAR_INPUT_OWNER, decoder_layers
 from .groups import ATTENTION, MLP, MODULES, LayerShape
 from .importance import MEASURES, finish_measures, fuse, group_measures, instability
 from .surgery import layer_shape

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..adapter import decoder_layers
 from ..distributed import Workers, copy_local_rows, gather_state, local_rows, shard_model
-from ..layerwise import decoder_layers
 from .groups import ATTENTION, COLUMN_MODULES, MLP, MODULES, LayerKeep, LayerShape, kept_lines, slice_weight
 from .modeling_pruned_llama import SIZE_KEYS, PrunedLlamaForCausalLM
 

@@ -1,0 +1,194 @@
+"""GBLM's per-sample gradient sums, one decoder layer at a time: a worker never holds more than one layer.
+
+Forward, layer by layer, one sequence at a time, keeping each layer's input for this worker's sequences
+(in host memory or in scratch files). At the head, each sequence's mean next-token cross-entropy gives the
+gradient at the last layer's output. Then from the top layer down: load the layer, recompute its forward for
+each sequence from the stored input, back-propagate the stored output gradient, and add (s g_n)^2 (l2) or
+|s g_n| (l1) of every Linear weight into that layer's sums; the input gradient goes to the layer below.
+Those are exactly the gradients of the whole model's backward (the chain rule, split at layer boundaries),
+with one sequence per backward as the per-sample maths requires.
+
+Each sequence's contribution is computed in fp32 and added into fp64 sums, summed across workers and
+rounded once, so the result does not depend on how the sequences were split. Each worker keeps its own
+rows of each finished layer in the scratch directory, for the layer loop to read.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..adapter import EMBEDDING, LINEARS, Head, Stem, build_layer, head_tensor_names, linear_weight_name
+from ..log import get_logger
+from .collectives import all_reduce_in_order
+from .process_group import Workers, local_share
+
+log = get_logger()
+
+
+class Scratch:
+    """A private directory for one worker's intermediate files; removed on exit, success or failure."""
+
+    def __init__(self, root: Path, tag: str):
+        self.dir = root / f".dist_prune-scratch-{tag}"
+
+    def __enter__(self) -> "Scratch":
+        self.dir.mkdir(parents=True, exist_ok=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for file in self.dir.glob("*"):
+            file.unlink()
+        self.dir.rmdir()
+
+    def save(self, name: str, tensors: dict[str, Tensor]) -> None:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, self.dir / f"{name}.safetensors")
+
+    def load(self, name: str) -> dict[str, Tensor]:
+        with safe_open(self.dir / f"{name}.safetensors", framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+
+    def remove(self, name: str) -> None:
+        (self.dir / f"{name}.safetensors").unlink()
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(f.stat().st_size for f in self.dir.glob("*"))
+
+
+class ActivationStore:
+    """Each layer's inputs for this worker's sequences: in host memory, or one scratch file per layer.
+    Never on the accelerator: all layers' inputs are far larger than one layer (344 GB in bf16 at 70B)."""
+
+    def __init__(self, scratch: Scratch | None, device: torch.device):
+        self.scratch = scratch
+        self.device = device
+        self.layers: dict[int, list[Tensor]] = {}
+
+    def put(self, index: int, hidden: list[Tensor]) -> None:
+        if self.scratch is None:
+            self.layers[index] = [h.cpu() for h in hidden]
+        elif hidden:
+            self.scratch.save(f"inputs-{index}", {"hidden": torch.cat(hidden)})
+
+    def pop(self, index: int, count: int) -> list[Tensor]:
+        if self.scratch is None:
+            return [h.to(self.device) for h in self.layers.pop(index)]
+        if not count:
+            return []
+        hidden = self.scratch.load(f"inputs-{index}")["hidden"]
+        self.scratch.remove(f"inputs-{index}")
+        return [h.to(self.device) for h in hidden.split(1)]
+
+
+def layerwise_gradient_pass(
+    store,
+    model_config,
+    windows: Tensor,
+    scale: float,
+    norm: str,
+    workers: Workers,
+    activations: ActivationStore,
+    dtype: torch.dtype,
+    on_layer: Callable[[int, dict[str, Tensor]], None],
+    progress: Callable[[], None] | None = None,
+) -> float:
+    """Calls `on_layer(index, sums)` with the full fp64 sums of every decoder Linear weight of each layer (the
+    same on every worker; round them once), from the top layer down; returns the mean calibration loss.
+
+    windows: (N, T), the same on every worker, of which this worker uses its `local_share`."""
+    mine = local_share(windows.shape[0], workers.rank, workers.world_size)
+    tokens = windows[mine.start : mine.stop].to(workers.device)
+    embedding = store.read([EMBEDDING])[EMBEDDING].to(workers.device)
+    hidden, kwargs = _embed(Stem(model_config, embedding, dtype), tokens)
+    del embedding
+    num_layers = store.num_layers
+    for index in range(num_layers):
+        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
+        activations.put(index, hidden)
+        with torch.no_grad():
+            hidden = [_output(layer(h, **kwargs)) for h in hidden]
+        del layer
+        if progress is not None:
+            progress()
+    head = Head(model_config, store.read(head_tensor_names(store.tied)), dtype, workers.device)
+    grads, loss = _head_gradients(head, hidden, tokens)
+    del head, hidden
+    for index in reversed(range(num_layers)):
+        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
+        inputs = activations.pop(index, len(grads))
+        sums, grads = _layer_sums(layer, index, inputs, grads, kwargs, scale, norm, need_input_grad=index > 0)
+        all_reduce_in_order(sums)
+        on_layer(index, sums)
+        if progress is not None:
+            progress()
+    total_loss = torch.tensor([loss, float(tokens.shape[0])], dtype=torch.float64, device=workers.device)
+    all_reduce_in_order({"loss": total_loss})
+    return float(total_loss[0] / total_loss[1])
+
+
+def _embed(stem: Stem, tokens: Tensor) -> tuple[list[Tensor], dict]:
+    """Layer 0's input for each sequence (batch of one), and the keyword arguments shared by all of them."""
+    hidden, kwargs = [], {}
+    for sequence in tokens:
+        h, kwargs = stem(sequence[None, :])
+        hidden.append(h)
+    return hidden, kwargs
+
+
+def _output(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _head_gradients(head: Head, hidden: list[Tensor], tokens: Tensor) -> tuple[list[Tensor], float]:
+    """d(mean next-token cross-entropy of sequence n) / d(last layer's output), per sequence; and the summed
+    mean losses."""
+    grads, total = [], 0.0
+    for h, sequence in zip(hidden, tokens, strict=True):
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = head.nll(h, sequence[None, :])[0] / (sequence.shape[0] - 1)
+            (grad,) = torch.autograd.grad(loss, [h])
+        grads.append(grad)
+        total += float(loss.detach())
+    return grads, total
+
+
+def _layer_sums(
+    layer, index: int, inputs: list[Tensor], grads: list[Tensor], kwargs: dict, scale: float, norm: str,
+    need_input_grad: bool,
+) -> tuple[dict[str, Tensor], list[Tensor]]:  # fmt: skip
+    """One layer's fp64 sums over this worker's sequences, and the gradients at the layer's input.
+
+    Each weight's gradient is added into its sum the moment backward produces it and then dropped, so one
+    Linear's gradient is alive at a time, not the whole layer's."""
+    sums, handles = {}, []
+    for name in LINEARS:
+        weight = layer.get_submodule(name).weight
+        total = sums[linear_weight_name(index, name)] = torch.zeros_like(weight, dtype=torch.float64)
+        weight.requires_grad_(True)
+        handles.append(weight.register_post_accumulate_grad_hook(_accumulate_into(total, scale, norm)))
+    below = []
+    try:
+        for x, grad_out in zip(inputs, grads, strict=True):
+            x = x.detach().requires_grad_(need_input_grad)
+            with torch.enable_grad():
+                _output(layer(x, **kwargs)).backward(grad_out)
+            if need_input_grad:
+                below.append(x.grad)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums, below
+
+
+def _accumulate_into(total: Tensor, scale: float, norm: str):
+    def hook(weight: Tensor) -> None:
+        scaled = weight.grad.float() * scale
+        total.add_(scaled.square() if norm == "l2" else scaled.abs())
+        weight.grad = None  # the next sequence starts from zero, and the memory is free at once
+
+    return hook

@@ -1,0 +1,328 @@
+"""The prune job one worker runs, identical under every launcher (in-process, torchrun rank, Ray actor).
+
+A worker never holds more than one decoder layer in compute precision. Where the other layers rest is the
+residency (distributed/residency.py): nowhere (stream: read from the checkpoint when their turn comes) or
+as this worker's row block in the checkpoint's dtype (resident). Per decoder layer:
+
+    dense layer -> dense evaluation states through it -> input statistics of this worker's calibration
+    batches (summed over workers) -> score + mask this worker's rows of every Linear (pure maths) ->
+    all-gather the pruned rows -> calibration and pruned-evaluation states through the pruned layer ->
+    worker 0 writes the layer's file
+
+GBLM's gradient sums come first, from the layer-wise gradient pass (distributed/layer_gradients.py) or a
+saved file, and each worker keeps only its rows of them, in the scratch directory.
+"""
+
+import math
+import os
+import resource
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .adapter import (
+    EMBEDDING,
+    LINEAR_INPUT_OWNER,
+    LINEARS,
+    Head,
+    Stem,
+    build_layer,
+    compute_dtype,
+    head_tensor_names,
+    layer_prefix,
+    linear_weight_name,
+)
+from .assets import resolve_model
+from .checkpoint import inspect_checkpoint, load_tokenizer
+from .config import PruneConfig
+from .data import calibration_windows, evaluation_windows, load_text, tokenize
+from .distributed import ShardSelector, Workers, all_reduce_layer_statistics, batch_share, local_share
+from .distributed.collectives import gather_rows, sum_across_workers
+from .distributed.layer_gradients import ActivationStore, Scratch, layerwise_gradient_pass
+from .distributed.residency import ResidentStore, StreamStore
+from .gradients import read_layer_gradient_rows, save_gradient_sums
+from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run_layer
+from .log import get_logger
+from .memory import EVAL_BATCH, plan_for
+from .methods import prune_weight
+from .methods.scores import gradient_term
+from .progress import Progress
+from .registry import method
+from .report import build_report
+from .writer import CheckpointWriter, finish_run
+
+log = get_logger()
+GRADIENT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class Run:
+    """What every step of one worker's job needs: the config, the checkpoint, the weights, the workers."""
+
+    def __init__(self, config: PruneConfig, workers: Workers, progress: Progress, scratch: Scratch | None):
+        from transformers import AutoConfig
+
+        r = config.runtime
+        if r.residency == "auto" or r.activation_storage == "auto":
+            raise ValueError("the driver resolves residency and activation storage (memory.resolve_runtime)")
+        self.config, self.workers, self.progress, self.scratch = config, workers, progress, scratch
+        self.info = inspect_checkpoint(resolve_model(config.model))
+        self.model_config = AutoConfig.from_pretrained(self.info.path)
+        self.dtype = compute_dtype(workers.device, self.info.source_dtype)
+        self.method = method(config.prune.method)
+        with progress.phase("load"):
+            args = (self.info.path, self.info.num_layers, self.info.tied_embeddings)
+            self.store = ResidentStore(*args, workers) if r.residency == "resident" else StreamStore(*args)
+
+    def stem(self) -> Stem:
+        return Stem(self.model_config, self.store.read([EMBEDDING])[EMBEDDING].to(self.workers.device), self.dtype)
+
+    def layer(self, index: int, state: dict[str, Tensor]):
+        return build_layer(self.model_config, index, state, self.dtype).to(self.workers.device)
+
+
+def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -> dict | None:
+    """The whole prune job on this worker; worker 0 writes the output and returns the report."""
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
+        run = Run(config, workers, progress, scratch)
+        windows, eval_windows = token_windows(config, run.info.path, progress)
+        writer = None
+        if workers.is_main:
+            writer = stack.enter_context(
+                CheckpointWriter(Path(config.out), run.info.num_layers, config.runtime.overwrite)
+            )
+        gradients = _gradient_rows(run, windows) if run.method.gradients else None
+        calibration = _embedded(run, windows, config.calibration.batch_size) if run.method.statistics else None
+        evaluation = Evaluation(run, eval_windows) if eval_windows is not None else None
+        with progress.phase("layers", total=run.info.num_layers) as advance:
+            layers = prune_layers(run, calibration, evaluation, gradients, writer, advance)
+        perplexities = evaluation.perplexities() if evaluation is not None else {}
+        memory = worker_memory(run.store.resident_bytes, workers, progress)
+        if writer is None:
+            return None
+        writer.write_rest(run.store.rest())
+        progress.timings["total"] = round(time.perf_counter() - started, 3)
+        report = build_report(config, run.info, layers, perplexities, eval_windows, windows, progress.timings, workers)
+        report.update(workers=memory, memory_plan=plan_for(config, run.info.path).to_dict())
+        finish_run(writer, config, report, windows, run.info.path, run.info.config, run.info.source_dtype)
+    log.info("wrote %s", config.out)
+    return report
+
+
+def prune_layers(run: Run, calibration, evaluation, gradients, writer, advance) -> list[dict]:
+    """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time."""
+    layers = []
+    for index in range(run.info.num_layers):
+        start = time.perf_counter()
+        layer = run.layer(index, run.store.layer(index))  # the dense state is dropped: one layer in memory
+        if evaluation is not None:
+            evaluation.dense = run_layer(layer, evaluation.dense)
+        stats = {}
+        if calibration is not None:
+            stats, seconds = collect_input_statistics(layer, calibration, run.method.statistics == "hessian")
+            run.progress.add_time("calibration_forward", seconds)
+            all_reduce_layer_statistics(stats)
+            for group in stats.values():
+                group.round_once()
+        rows = gradients(index) if gradients is not None else {}
+        pruned, notes = _prune_rows(run, layer, index, stats, rows)
+        del stats, rows
+        state = _saved_state(run, layer, index, pruned)
+        with torch.no_grad():
+            for name in LINEARS:
+                layer.get_submodule(name).weight.copy_(pruned[linear_weight_name(index, name)])
+        if calibration is not None:
+            calibration = _propagate(run, layer, calibration)
+        if evaluation is not None:
+            evaluation.pruned = run_layer(layer, evaluation.pruned)
+        run.store.commit(index, state)
+        if writer is not None:
+            writer.write_layer(index, state)
+        layers.append(_layer_entry(index, state, notes, time.perf_counter() - start))
+        advance()
+    return layers
+
+
+def _saved_state(run: Run, layer, index: int, pruned: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The layer as written: the pruned Linears, and the other tensors back in the checkpoint's dtype (exact:
+    they were widened from it)."""
+    prefix = layer_prefix(index)
+    rest = {prefix + name: t for name, t in layer.state_dict().items() if prefix + name not in pruned}
+    return {**{name: t.detach().to(run.info.source_dtype) for name, t in rest.items()}, **pruned}
+
+
+def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[str, Tensor]):
+    """Score and mask this worker's rows of every Linear of the layer, then gather the pruned matrices.
+
+    The selectors and gathers are collectives: every worker walks the Linears in the same order."""
+    w, p = run.workers, run.config.prune
+    pruned, notes = {}, {}
+    for name in LINEARS:
+        full_name = linear_weight_name(index, name)
+        weight = layer.get_submodule(name).weight
+        mine = local_share(weight.shape[0], w.rank, w.world_size)
+        G = gradient_term(gradient_rows[full_name].float(), p.gblm_norm) if gradient_rows else None
+        selector = ShardSelector(mine.start, weight.shape[0])
+        outcome = prune_weight(weight[mine.start : mine.stop], p, stats.get(LINEAR_INPUT_OWNER[name]), G, selector)
+        # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
+        pruned[full_name] = gather_rows(outcome.weight.to(run.info.source_dtype), weight.shape[0])
+        notes[name] = {}
+        if outcome.damp is not None:
+            notes[name]["sparsegpt_damp"] = outcome.damp
+        if outcome.score_sum is not None:
+            gradient, total = sum_across_workers([outcome.gradient_score_sum, outcome.score_sum], w.device)
+            notes[name]["gradient_share"] = gradient / total
+    return pruned, notes
+
+
+def _propagate(run: Run, layer, inputs: LayerInputs) -> LayerInputs:
+    outputs = run_layer(layer, inputs)
+    run.progress.add_time("calibration_forward", outputs.forward_seconds - inputs.forward_seconds)
+    return outputs
+
+
+def _embedded(run: Run, windows: Tensor, batch_size: int) -> LayerInputs:
+    """Layer 0's inputs for this worker's batches of `windows`."""
+    w = run.workers
+    batches = [windows[b.start : b.stop] for b in batch_share(windows.shape[0], batch_size, w.rank, w.world_size)]
+    return embed_batches(run.stem(), batches)
+
+
+class Evaluation:
+    """Perplexity of the dense and of the pruned model, computed on the way: the evaluation windows' states
+    go through each dense layer before it is pruned and through the pruned layer after, so evaluation
+    costs no extra reading of the weights."""
+
+    def __init__(self, run: Run, windows: Tensor):
+        self.run, self.windows = run, windows
+        w = run.workers
+        self.batches = batch_share(windows.shape[0], EVAL_BATCH, w.rank, w.world_size)
+        self.dense = self.pruned = _embedded(run, windows, EVAL_BATCH)
+
+    def perplexities(self) -> dict[str, float]:
+        run = self.run
+        head = Head(
+            run.model_config, run.store.read(head_tensor_names(run.info.tied_embeddings)), run.dtype, run.workers.device
+        )
+        values = {}
+        for name, states in (("dense", self.dense), ("pruned", self.pruned)):
+            nll = sum(float(head.nll(h, self.windows[b.start : b.stop]).double().sum())
+                      for h, b in zip(states.hidden, self.batches, strict=True))  # fmt: skip
+            (total,) = sum_across_workers([nll], self.run.workers.device)
+            values[name] = math.exp(total / self.windows[:, 1:].numel())
+            log.info("%s perplexity %.3f", name, values[name])
+        return values
+
+
+def _gradient_rows(run: Run, windows: Tensor):
+    """GBLM: a function giving this worker's rows of layer i's gradient sums, from a saved file or from a
+    layer-wise gradient pass whose per-layer results wait in the scratch directory (deleted once read)."""
+    p, w = run.config.prune, run.workers
+    if p.gradients:
+        return lambda index: read_layer_gradient_rows(Path(p.gradients), index, w.rank, w.world_size)
+    dtype = GRADIENT_DTYPES[p.gradient_dtype]
+
+    def keep_my_rows(index: int, sums: dict[str, Tensor]) -> None:
+        rows = {}
+        for name, total in sums.items():
+            mine = local_share(total.shape[0], w.rank, w.world_size)
+            rows[name] = total[mine.start : mine.stop].to(dtype)  # the fp64 sums rounded once
+        run.scratch.save(f"gradients-{index}", rows)
+
+    _gradient_pass(run, windows, keep_my_rows)
+
+    def read(index: int) -> dict[str, Tensor]:
+        rows = run.scratch.load(f"gradients-{index}")
+        run.scratch.remove(f"gradients-{index}")
+        return rows
+
+    return read
+
+
+def _gradient_pass(run: Run, windows: Tensor, on_layer) -> None:
+    p, r = run.config.prune, run.config.runtime
+    activations = ActivationStore(run.scratch if r.activation_storage == "disk" else None, run.workers.device)
+    with run.progress.phase("gradients", total=2 * run.info.num_layers) as advance:
+        loss = layerwise_gradient_pass(
+            run.store, run.model_config, windows, p.gblm_scale, p.gblm_norm, run.workers, activations, run.dtype,
+            on_layer, advance,
+        )  # fmt: skip
+    log.info("gradient pass: mean calibration loss %.4f", loss)
+
+
+def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progress: Progress) -> Path | None:
+    """`dist-prune grad`: the layer-wise gradient pass alone; worker 0 saves the full sums."""
+    with ExitStack() as stack:
+        scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
+        run = Run(config, workers, progress, scratch)
+        windows = calibration_windows(config, load_tokenizer(run.info.path))
+        full: dict[str, Tensor] = {}
+        _gradient_pass(run, windows, lambda _index, sums: _keep_full(full, sums) if workers.is_main else None)
+    if not workers.is_main:
+        return None
+    p, c = config.prune, config.calibration
+    save_gradient_sums(out, full, p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen)
+    return out
+
+
+def _keep_full(full: dict[str, Tensor], sums: dict[str, Tensor]) -> None:
+    full.update({name: total.float() for name, total in sums.items()})
+
+
+def _needs_scratch(config: PruneConfig) -> bool:
+    return method(config.prune.method).gradients and not config.prune.gradients
+
+
+def _scratch(config: PruneConfig, workers: Workers) -> Scratch:
+    root = Path(config.runtime.scratch) if config.runtime.scratch else Path(config.out).absolute().parent
+    return Scratch(root, f"{Path(config.out).name}-rank{workers.rank}-{os.getpid()}")
+
+
+def worker_memory(weight_bytes: int, w: Workers, progress: Progress) -> list[dict]:
+    """Every worker's peak memory, its host peak after each phase so far, and the bytes of its resident
+    weights, as seen by worker 0 (a collective)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if w.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(w.device)
+    phases = list(progress.host_peaks)  # every worker runs the same phases in the same order
+    mine = [float(peak), float(weight_bytes), *(float(progress.host_peaks[phase]) for phase in phases)]
+    width = len(mine)
+    values = [0.0] * (width * w.world_size)
+    values[width * w.rank : width * (w.rank + 1)] = mine
+    summed = sum_across_workers(values, w.device)
+    return [
+        {
+            "rank": rank,
+            "peak_bytes": int(summed[width * rank]),
+            "weight_bytes": int(summed[width * rank + 1]),
+            "host_peak_after_phase": {phase: int(summed[width * rank + 2 + i]) for i, phase in enumerate(phases)},
+        }
+        for rank in range(w.world_size)
+    ]
+
+
+def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict], seconds: float) -> dict:
+    modules = {}
+    for name, extra in notes.items():
+        weight = state[linear_weight_name(index, name)]
+        zeros = int((weight == 0).sum())
+        modules[name] = {"zeros": zeros, "numel": weight.numel(), "sparsity": zeros / weight.numel(), **extra}
+    zeros = sum(m["zeros"] for m in modules.values())
+    numel = sum(m["numel"] for m in modules.values())
+    return {"layer": index, "sparsity": zeros / numel, "seconds": round(seconds, 3), "modules": modules}
+
+
+def token_windows(config: PruneConfig, model_path: Path, progress: Progress) -> tuple[Tensor | None, Tensor | None]:
+    """The calibration windows (when the method calibrates) and the evaluation windows (when asked for)."""
+    m, e = method(config.prune.method), config.evaluation
+    with progress.phase("tokenize"):
+        tokenizer = load_tokenizer(model_path)
+        windows = calibration_windows(config, tokenizer) if m.statistics or m.gradients else None
+        if not e.eval_after:
+            return windows, None
+        tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))
+        return windows, evaluation_windows(tokens, e.eval_seqlen, e.eval_windows)
