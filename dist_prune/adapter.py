@@ -65,6 +65,20 @@ def linear_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
+def expected_shapes(model_config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a LLaMA checkpoint must hold, with its shape, from config.json alone."""
+    hidden, vocab = model_config["hidden_size"], model_config["vocab_size"]
+    tied = bool(model_config.get("tie_word_embeddings", False))
+    shapes: dict[str, tuple[int, ...]] = {name: (vocab, hidden) for name in (EMBEDDING, LM_HEAD)}
+    shapes[FINAL_NORM] = (hidden,)
+    if tied:
+        del shapes[LM_HEAD]
+    for index in range(model_config["num_hidden_layers"]):
+        shapes.update({linear_weight_name(index, name): shape for name, shape in linear_shapes(model_config).items()})
+        shapes.update({f"{layer_prefix(index)}{norm}.weight": (hidden,) for norm in NORMS})
+    return shapes
+
+
 def rest_tensor_names(tied: bool) -> list[str]:
     """The tensors outside the decoder layers; a tied lm_head is the embedding and is not stored."""
     return [EMBEDDING, FINAL_NORM] + ([] if tied else [LM_HEAD])

@@ -46,34 +46,87 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     """Config and weight files, verified complete; raises CheckpointError with the one thing wrong."""
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
-    config = _read_json(path / "config.json", "model config")
+    config = read_model_config(path / "config.json")
+    files = listed_weight_files(path)
+    headers = {file: check_safetensors_file(file) for file in files}
+    check_tensors(path, config, headers)
+    return CheckpointInfo(path=path, config=config, weight_files=files)
+
+
+def read_model_config(config_file: Path) -> dict:
+    """A LLaMA config.json with every size the model is built from."""
+    config = _read_json(config_file, "model config")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])}); "
             f"dist_prune prunes LLaMA-family checkpoints (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    files = listed_weight_files(path)
-    for file in files:
-        check_safetensors_file(file)
-    return CheckpointInfo(path=path, config=config, weight_files=files)
+    check_model_config(config, config_file)
+    return config
+
+
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_model_config(config: dict, config_file: Path) -> None:
+    """The sizes the model is built from must be there (a missing one would build a default-size model), and
+    the weights must be floating point."""
+    for key in REQUIRED_SIZES:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"{config_file}: {key} must be a positive integer, got {value!r}")
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if not isinstance(kv_heads, int) or config["num_attention_heads"] % kv_heads:
+        raise CheckpointError(f"{config_file}: num_key_value_heads {kv_heads!r} must divide the heads")
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{config_file}: dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise CheckpointError(f"{config_file}: LLaMA checkpoints with biases are not supported")
+
+
+def check_tensors(path: Path, config: dict, headers: dict[Path, dict]) -> None:
+    """Every tensor the model needs is in the file the index names, with the shape config.json implies."""
+    from .adapter import expected_shapes  # the one place that knows LLaMA's names
+
+    index = _read_json(path / INDEX_FILE, "weight index")["weight_map"] if (path / INDEX_FILE).is_file() else None
+    for name, shape in expected_shapes(config).items():
+        file = path / index[name] if index and name in index else (path / SINGLE_FILE if index is None else None)
+        entry = headers.get(file, {}).get(name) if file else None
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path} has no tensor {name}" + (f" in {file.name}" if file else ""))
+        if list(entry["shape"]) != list(shape):
+            raise CheckpointError(
+                f"{name} has shape {entry['shape']} in {file.name}; config.json implies {list(shape)}"
+            )
 
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def listed_weight_files(path: Path) -> tuple[Path, ...]:
     if (path / INDEX_FILE).is_file():
-        index = _read_json(path / INDEX_FILE, "weight index")
-        names = sorted(set(index.get("weight_map", {}).values()))
+        weight_map = _read_json(path / INDEX_FILE, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{path / INDEX_FILE} has no weight_map of tensor names to file names")
+        names = sorted(set(weight_map.values()))
         if not names:
             raise CheckpointError(f"{path / INDEX_FILE} maps no weights")
+        root = path.resolve()
+        outside = [n for n in names if root not in (root / n).resolve().parents]
+        if outside:
+            raise CheckpointError(f"{path / INDEX_FILE} names files outside the checkpoint directory: {outside[0]}")
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {path} is missing shard(s): {', '.join(missing)}")
@@ -83,8 +136,9 @@ def listed_weight_files(path: Path) -> tuple[Path, ...]:
     raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
 
 
-def check_safetensors_file(file: Path) -> None:
-    """A truncated or corrupt shard is caught here from its header, without reading the tensors."""
+def check_safetensors_file(file: Path) -> dict:
+    """A truncated or corrupt shard is caught here from its header, without reading the tensors; returns
+    the header's tensor entries by name."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -97,10 +151,35 @@ def check_safetensors_file(file: Path) -> None:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"shard {file} has a corrupt header") from None
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    expected = 8 + header_len + max(ends, default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"shard {file} has a corrupt header (not a JSON object)")
+    entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    if not all(_valid_entry(entry) for entry in entries.values()):
+        raise CheckpointError(f"shard {file} has a corrupt header (a tensor without dtype, shape and offsets)")
+    spans = sorted(tuple(entry["data_offsets"]) for entry in entries.values())
+    # Tensors tile the data section: each starts where the previous one ends, none overlaps another.
+    if any(start != previous_end for (start, _), (_, previous_end) in zip(spans[1:], spans, strict=False)):
+        raise CheckpointError(f"shard {file} has a corrupt header (tensor data overlap or leave gaps)")
+    if spans and spans[0][0] != 0:
+        raise CheckpointError(f"shard {file} has a corrupt header (tensor data does not start at 0)")
+    expected = 8 + header_len + (spans[-1][1] if spans else 0)
     if size != expected:
         raise CheckpointError(f"shard {file} is truncated or corrupt: {size} bytes, its header describes {expected}")
+    return entries
+
+
+def _valid_entry(entry) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(n, int) for n in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
 
 
 def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None:

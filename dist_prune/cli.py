@@ -19,14 +19,19 @@ from .progress import Progress
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     quiet, json_lines = getattr(args, "quiet", False), getattr(args, "log_json", False)
     setup_logging(quiet=quiet, json_lines=json_lines)
     args.progress = Progress("json" if json_lines else "quiet" if quiet else "bars")
     try:
         return args.handler(args)
     except DistPruneError as err:
-        print(f"dist-prune: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _report_error(err)
+
+
+def _report_error(err: DistPruneError) -> int:
+    print(f"dist-prune: error: {err}", file=sys.stderr)
+    return err.exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="checkpoint directory or .safetensors file")
     inspect.add_argument("--pattern", default=None, help='check every decoder Linear satisfies N:M, e.g. "2:4"')
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument(
+        "--verify", action="store_true", help="check every layer file against the size and SHA-256 in its manifest"
+    )
     inspect.set_defaults(handler=_inspect)
 
     compare = commands.add_parser(
@@ -115,10 +123,31 @@ def _prune(args: argparse.Namespace) -> int:
     from .pipeline import prune
 
     config = load_config(args.config, _overrides(args))
-    report = prune(config, args.progress)
+    try:
+        report = prune(config, args.progress)
+    except DistPruneError as err:
+        code = _report_error(err)
+        _say_how_to_resume(config, args.argv)
+        return code
+    except BaseException:
+        _say_how_to_resume(config, args.argv)
+        raise
     if report is not None:  # None on torchrun ranks other than 0, which write nothing
         _print_summary(report, config.out)
     return 0
+
+
+def _say_how_to_resume(config, argv: list[str]) -> None:
+    """A run that stopped after finishing some layers kept them: say so, with the command that continues."""
+    import shlex
+
+    from .writer import resumable_partial
+
+    partial = resumable_partial(Path(config.out))
+    if partial is not None:
+        again = argv if "--resume" in argv else [*argv, "--resume"]
+        print(f"dist-prune: the finished layers are kept in {partial}; continue with: dist-prune {shlex.join(again)}",
+              file=sys.stderr)  # fmt: skip
 
 
 def _grad(args: argparse.Namespace) -> int:
@@ -159,8 +188,22 @@ def _inspect(args: argparse.Namespace) -> int:
     from .inspection import format_summary, summarize_checkpoint
 
     summary = summarize_checkpoint(Path(args.model), args.pattern)
+    if args.verify:
+        summary["verified"] = _verified(Path(args.model))
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
+
+
+def _verified(path: Path) -> int:
+    """The number of layer files that match the manifest; any that does not is an error."""
+    from .writer import MANIFEST, is_dist_prune_output, verify_output
+
+    if not is_dist_prune_output(path):
+        raise DistPruneError(f"{path} has no {MANIFEST}: only a dist_prune output can be verified")
+    failed = verify_output(path)
+    if failed:
+        raise DistPruneError(f"{len(failed)} file(s) in {path} do not match the manifest: {', '.join(failed)}")
+    return len(json.loads((path / MANIFEST).read_text())["layers"])
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -130,14 +131,16 @@ class RuntimeConfig:
     activation_storage: str = "auto"
     """Gradient pass: keep each layer's inputs in host "memory" or on "disk" in the scratch directory;
     "auto" picks disk when the memory plan says host memory is short."""
-    activation_checkpointing: bool = True
-    """Structured gradient pass: keep only each decoder layer's input and recompute the rest in backward."""
     device_memory: str | None = None
     """Memory one worker may use, e.g. "80GiB" (None: the device's total, or the host's available RAM)."""
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
     overwrite: bool = False
-    """Replace an existing output directory (only once the new one is complete)."""
+    """Replace an existing output directory (only a previous dist_prune output, and only once the new one is
+    complete)."""
+    resume: bool = False
+    """Continue the interrupted run whose partial output (`.NAME.partial` beside --out) is there: every finished
+    layer that still verifies is reused; the settings must be the interrupted run's."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             values = yaml.load(Path(path).read_text(), Loader=_Yaml12IntLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read as text: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
@@ -268,6 +273,8 @@ def validate(config: PruneConfig) -> None:
         raise ConfigError(f"unknown method {p.method!r}; choose one of {', '.join(METHODS)}")
     if method(p.method).structured:
         _validate_structured(config.structured, p.pattern)
+        if config.runtime.resume:
+            raise ConfigError("--resume is not available for structured pruning: it writes every layer at the end")
     elif p.pattern is None and not 0.0 < p.sparsity < 1.0:
         raise ConfigError(f"sparsity must be strictly between 0 and 1, got {p.sparsity}")
     nm = parse_pattern(p.pattern)
@@ -293,6 +300,8 @@ def validate(config: PruneConfig) -> None:
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {r.device!r}")
     _positive("workers", r.workers)
+    if r.threads is not None:
+        _positive("threads", r.threads)
     if r.launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {r.launcher!r}")
     _one_of("residency", r.residency, RESIDENCIES)
@@ -323,8 +332,8 @@ def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
+    if not math.isfinite(value) or value <= 0:  # NaN compares False with everything: test it by name
+        raise ConfigError(f"{name} must be a positive number, got {value}")
 
 
 def _check_types(config: PruneConfig) -> None:

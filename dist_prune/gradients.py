@@ -23,6 +23,14 @@ def save_gradient_sums(
     partial.rename(path)
 
 
+def is_gradients_file(path: Path) -> bool:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("kind") == GRADIENT_KIND
+    except Exception:  # any unreadable file is simply not one of ours
+        return False
+
+
 def load_gradient_sums(
     path: Path, scale: float, norm: str, nsamples: int, seqlen: int, headers_only: bool = False
 ) -> dict[str, Tensor]:
@@ -33,6 +41,8 @@ def load_gradient_sums(
     """
     if not path.is_file():
         raise ConfigError(f"gradients file {path} does not exist")
+    if not is_gradients_file(path):
+        raise ConfigError(f"{path} is not a gradients file written by `dist-prune grad`")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("kind") != GRADIENT_KIND:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .adapter import LINEAR_INPUT_OWNER
-from .checkpoint import INDEX_FILE, SINGLE_FILE, check_safetensors_file, listed_weight_files
+from .checkpoint import INDEX_FILE, SINGLE_FILE, check_safetensors_file, listed_weight_files, read_model_config
 from .config import parse_pattern
 from .errors import CheckpointError
 
@@ -66,6 +66,8 @@ def weight_files(path: Path) -> tuple[Path, ...]:
     if path.is_file():
         files: tuple[Path, ...] = (path,)
     elif (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file():
+        if (path / "config.json").is_file():
+            read_model_config(path / "config.json")  # refuse what prune and eval refuse
         files = listed_weight_files(path)
     elif path.is_dir():
         # A checkpoint still being written (the report is drawn before publishing) has its shards but no index yet.

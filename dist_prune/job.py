@@ -39,10 +39,11 @@ from .assets import resolve_model
 from .checkpoint import inspect_checkpoint, load_tokenizer
 from .config import PruneConfig
 from .data import calibration_windows, evaluation_windows, load_text, tokenize
-from .distributed import ShardSelector, Workers, all_reduce_layer_statistics, batch_share, local_share
-from .distributed.collectives import gather_rows, sum_across_workers
-from .distributed.layer_gradients import ActivationStore, Scratch, layerwise_gradient_pass
+from .distributed import ShardSelector, StopRequest, Workers, all_reduce_layer_statistics, batch_share, local_share
+from .distributed.collectives import broadcast_from_first, gather_rows, sum_across_workers
+from .distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, Scratch, layerwise_gradient_pass
 from .distributed.residency import ResidentStore, StreamStore
+from .errors import CheckpointError
 from .gradients import read_layer_gradient_rows, save_gradient_sums
 from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run_layer
 from .log import get_logger
@@ -52,7 +53,7 @@ from .methods.scores import gradient_term
 from .progress import Progress
 from .registry import method
 from .report import build_report
-from .writer import CheckpointWriter, finish_run
+from .writer import CheckpointWriter, Interrupted, finish_run
 
 log = get_logger()
 GRADIENT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -88,63 +89,110 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
     started = time.perf_counter()
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
+        stop = stack.enter_context(StopRequest())
         run = Run(config, workers, progress, scratch)
         windows, eval_windows = token_windows(config, run.info.path, progress)
-        writer = None
-        if workers.is_main:
-            writer = stack.enter_context(
-                CheckpointWriter(Path(config.out), run.info.num_layers, config.runtime.overwrite)
-            )
-        gradients = _gradient_rows(run, windows) if run.method.gradients else None
+        writer = stack.enter_context(_writer(config, run.info.num_layers)) if workers.is_main else None
+        finished = writer.verified_layers() if writer is not None else []
+        done = int(sum_across_workers([float(len(finished))], workers.device)[0])  # worker 0 alone knows
+        if done:
+            log.info("resuming: layers 0-%d of the interrupted run verify and are reused", done - 1)
+        gradients = _gradient_rows(run, windows, done) if run.method.gradients else None
         calibration = _embedded(run, windows, config.calibration.batch_size) if run.method.statistics else None
         evaluation = Evaluation(run, eval_windows) if eval_windows is not None else None
         with progress.phase("layers", total=run.info.num_layers) as advance:
-            layers = prune_layers(run, calibration, evaluation, gradients, writer, advance)
+            layers = prune_layers(run, calibration, evaluation, gradients, writer, done, stop, advance)
         perplexities = evaluation.perplexities() if evaluation is not None else {}
         memory = worker_memory(run.store.resident_bytes, workers, progress)
         if writer is None:
             return None
         writer.write_rest(run.store.rest())
         progress.timings["total"] = round(time.perf_counter() - started, 3)
+        layers = finished + layers
         report = build_report(config, run.info, layers, perplexities, eval_windows, windows, progress.timings, workers)
-        report.update(workers=memory, memory_plan=plan_for(config, run.info.path).to_dict())
+        report.update(workers=memory, memory_plan=plan_for(config, run.info.path).to_dict(), resumed_layers=done)
         finish_run(writer, config, report, windows, run.info.path, run.info.config, run.info.source_dtype)
     log.info("wrote %s", config.out)
     return report
 
 
-def prune_layers(run: Run, calibration, evaluation, gradients, writer, advance) -> list[dict]:
-    """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time."""
+def _writer(config: PruneConfig, num_layers: int) -> CheckpointWriter:
+    r = config.runtime
+    return CheckpointWriter(Path(config.out), num_layers, result_settings(config), r.overwrite, r.resume)
+
+
+# Runtime settings that change where and how fast a run computes, not what it computes: a run may resume
+# with other values. (The thread count can change BLAS rounding: resume with the same threads for bit-identity.)
+RUN_ONLY = ("workers", "launcher", "threads", "device_memory", "residency", "activation_storage", "scratch",
+            "overwrite", "resume")  # fmt: skip
+
+
+def result_settings(config: PruneConfig) -> dict:
+    """Every setting that decides the result, as flat `section.key` names (what --resume must match)."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            flat.update(
+                {f"{section}.{k}": v for k, v in values.items() if not (section == "runtime" and k in RUN_ONLY)}
+            )
+        elif section != "out":
+            flat[section] = values
+    return flat
+
+
+def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int, stop, advance) -> list[dict]:
+    """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time. The first `done`
+    layers were finished by an interrupted run: their written weights are propagated, not pruned again."""
     layers = []
     for index in range(run.info.num_layers):
         start = time.perf_counter()
-        layer = run.layer(index, run.store.layer(index))  # the dense state is dropped: one layer in memory
+        dense = _finite(run.store.layer(index), "the checkpoint's weight")
+        layer = run.layer(index, dense)  # the dense state goes once pruned: one layer in memory
         if evaluation is not None:
             evaluation.dense = run_layer(layer, evaluation.dense)
-        stats = {}
-        if calibration is not None:
-            stats, seconds = collect_input_statistics(layer, calibration, run.method.statistics == "hessian")
-            run.progress.add_time("calibration_forward", seconds)
-            all_reduce_layer_statistics(stats)
-            for group in stats.values():
-                group.round_once()
-        rows = gradients(index) if gradients is not None else {}
-        pruned, notes = _prune_rows(run, layer, index, stats, rows)
-        del stats, rows
-        state = _saved_state(run, layer, index, pruned)
+        if index < done:
+            state, notes = broadcast_from_first(writer.read_layer(index) if writer else None, like=dense), None
+        else:
+            state, notes = _prune_layer(run, layer, index, calibration, gradients(index) if gradients else {})
+        del dense
         with torch.no_grad():
             for name in LINEARS:
-                layer.get_submodule(name).weight.copy_(pruned[linear_weight_name(index, name)])
+                layer.get_submodule(name).weight.copy_(state[linear_weight_name(index, name)])
         if calibration is not None:
             calibration = _propagate(run, layer, calibration)
         if evaluation is not None:
             evaluation.pruned = run_layer(layer, evaluation.pruned)
         run.store.commit(index, state)
-        if writer is not None:
-            writer.write_layer(index, state)
-        layers.append(_layer_entry(index, state, notes, time.perf_counter() - start))
+        if notes is not None:
+            layers.append(_layer_entry(index, state, notes, time.perf_counter() - start))
+            if writer is not None:
+                writer.write_layer(index, state, layers[-1])
         advance()
+        if index + 1 < run.info.num_layers and stop.agreed(run.workers.device):
+            raise Interrupted(f"stopped after layer {index} of {run.info.num_layers - 1} on a signal")
     return layers
+
+
+def _prune_layer(run: Run, layer, index: int, calibration, gradient_rows: dict) -> tuple[dict, dict]:
+    """This layer's statistics (summed over workers), then score and mask; the state to write and notes."""
+    stats = {}
+    if calibration is not None:
+        stats, seconds = collect_input_statistics(layer, calibration, run.method.statistics == "hessian")
+        run.progress.add_time("calibration_forward", seconds)
+        all_reduce_layer_statistics(stats)
+        _finite({f"layer {index} {name}": group.sum_sq for name, group in stats.items()}, "the input statistics of")
+        for group in stats.values():
+            group.round_once()
+    pruned, notes = _prune_rows(run, layer, index, stats, gradient_rows)
+    return _saved_state(run, layer, index, pruned), notes
+
+
+def _finite(tensors: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    """NaN or Inf would prune at random and write it on: refuse, naming the first tensor that holds one."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{what} {name} holds NaN or Inf values; nothing was written")
+    return tensors
 
 
 def _saved_state(run: Run, layer, index: int, pruned: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -218,22 +266,24 @@ class Evaluation:
         return values
 
 
-def _gradient_rows(run: Run, windows: Tensor):
+def _gradient_rows(run: Run, windows: Tensor, done: int):
     """GBLM: a function giving this worker's rows of layer i's gradient sums, from a saved file or from a
-    layer-wise gradient pass whose per-layer results wait in the scratch directory (deleted once read)."""
+    layer-wise gradient pass whose per-layer results wait in the scratch directory (deleted once read). The
+    pass covers the layers from `done` on (a resumed run has the layers below)."""
     p, w = run.config.prune, run.workers
     if p.gradients:
         return lambda index: read_layer_gradient_rows(Path(p.gradients), index, w.rank, w.world_size)
     dtype = GRADIENT_DTYPES[p.gradient_dtype]
 
-    def keep_my_rows(index: int, sums: dict[str, Tensor]) -> None:
+    def keep_my_rows(index: int, sums: LayerSums) -> None:
         rows = {}
-        for name, total in sums.items():
+        for name, total in sums.power.items():
             mine = local_share(total.shape[0], w.rank, w.world_size)
             rows[name] = total[mine.start : mine.stop].to(dtype)  # the fp64 sums rounded once
         run.scratch.save(f"gradients-{index}", rows)
 
-    _gradient_pass(run, windows, keep_my_rows)
+    if done < run.info.num_layers:
+        _gradient_pass(run, windows, keep_my_rows, frozenset(range(done, run.info.num_layers)))
 
     def read(index: int) -> dict[str, Tensor]:
         rows = run.scratch.load(f"gradients-{index}")
@@ -243,14 +293,14 @@ def _gradient_rows(run: Run, windows: Tensor):
     return read
 
 
-def _gradient_pass(run: Run, windows: Tensor, on_layer) -> None:
+def _gradient_pass(run: Run, windows: Tensor, on_layer, layers: frozenset[int] | None = None) -> None:
     p, r = run.config.prune, run.config.runtime
     activations = ActivationStore(run.scratch if r.activation_storage == "disk" else None, run.workers.device)
     with run.progress.phase("gradients", total=2 * run.info.num_layers) as advance:
+        request = GradientRequest(scale=p.gblm_scale, norm=p.gblm_norm, layers=layers)
         loss = layerwise_gradient_pass(
-            run.store, run.model_config, windows, p.gblm_scale, p.gblm_norm, run.workers, activations, run.dtype,
-            on_layer, advance,
-        )  # fmt: skip
+            run.store, run.model_config, windows, request, run.workers, activations, run.dtype, on_layer, advance
+        )
     log.info("gradient pass: mean calibration loss %.4f", loss)
 
 
@@ -269,8 +319,8 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
     return out
 
 
-def _keep_full(full: dict[str, Tensor], sums: dict[str, Tensor]) -> None:
-    full.update({name: total.float() for name, total in sums.items()})
+def _keep_full(full: dict[str, Tensor], sums: LayerSums) -> None:
+    full.update({name: total.float() for name, total in sums.power.items()})
 
 
 def _needs_scratch(config: PruneConfig) -> bool:

@@ -11,14 +11,15 @@ disk (GBLM's per-layer gradient rows, and the stored layer inputs when they go t
 estimates; bench/scale.py puts them beside measurements.
 """
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .checkpoint import INDEX_FILE, SINGLE_FILE, inspect_checkpoint, read_model_config
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
+from .registry import Method, method
 
 FP32, FP64 = 4, 8
 GRADIENT_BYTES = {"fp32": 4, "fp16": 2}
@@ -147,7 +148,7 @@ class _Run:
     """The sizes every formula of a layer-by-layer run uses, for one worker."""
 
     shape: ModelShape
-    method: str
+    method: Method
     device: str
     workers: int
     sequences: int  # calibration sequences this worker holds (0: the method needs none)
@@ -198,7 +199,7 @@ def plan_memory(
 
 
 def check_residency(config: PruneConfig) -> None:
-    if config.prune.method == "saap" and config.runtime.residency == "stream":
+    if method(config.prune.method).structured and config.runtime.residency == "stream":
         raise ConfigError(
             "saap runs resident only (FSDP keeps each worker's fp32 row shard of the whole model); "
             "use --residency resident or auto"
@@ -210,7 +211,7 @@ def _plans(
 ) -> dict[str, MemoryPlan]:
     """The plan of each residency the config leaves open, in order of preference."""
     check_residency(config)
-    if config.prune.method == "saap":
+    if method(config.prune.method).structured:
         return {"resident": _fsdp_plan(config, model_config, limit, largest_file, host_limit)}
     asked = config.runtime.residency
     residencies = RESIDENCY_PREFERENCE if asked == "auto" else (asked,)
@@ -243,13 +244,13 @@ def _stored_inputs_leave_room(plan: MemoryPlan) -> bool:
 
 def _run(config: PruneConfig, model_config: dict) -> _Run:
     c, e, w = config.calibration, config.evaluation, config.runtime.workers
-    method, device = config.prune.method, compute_device(config)
+    needs, device = method(config.prune.method), compute_device(config)
     stored = dtype_bytes(model_config)
-    sequences = 0 if method == "magnitude" else worker_sequences(c.nsamples, c.batch_size, w)
+    sequences = worker_sequences(c.nsamples, c.batch_size, w) if needs.statistics else 0
     eval_windows = math.ceil((e.eval_windows or DEFAULT_EVAL_WINDOWS) / w) if e.eval_after else 0
     return _Run(
         shape=ModelShape.from_config(model_config),
-        method=method,
+        method=needs,
         device=device,
         workers=w,
         sequences=sequences,
@@ -260,7 +261,7 @@ def _run(config: PruneConfig, model_config: dict) -> _Run:
         stored=stored,
         compute=compute_bytes(device, stored),
         gradient=GRADIENT_BYTES[config.prune.gradient_dtype],
-        gradient_pass=method == "gblm" and not config.prune.gradients,
+        gradient_pass=needs.gradients and not config.prune.gradients,
     )
 
 
@@ -344,7 +345,7 @@ def _layer_loop(run: _Run) -> int:
 def _statistics(run: _Run) -> int:
     """What scoring needs beyond the layer. Wanda's and GBLM's per-column sums of x^2 are negligible."""
     shape = run.shape
-    if run.method == "sparsegpt":
+    if run.method.statistics == "hessian":
         widest = max(shape.input_widths)
         # Collecting: X X^T per input group in fp64, and one batch's fp32 X^T X of the widest input.
         collecting = sum(width * width for width in shape.input_widths) * FP64 + widest * widest * FP32
@@ -353,7 +354,7 @@ def _statistics(run: _Run) -> int:
         sums = sum(width * width for width in shape.input_widths) * FP32
         pruning = sums + 2 * widest * widest * FP32 + run.own_rows(shape.widest_matrix, FP32)
         return max(collecting, pruning)
-    if run.method == "gblm":
+    if run.method.gradients:
         return run.own_rows(shape.layer_linear_params, FP32)  # this layer's gradient rows, read back as fp32
     return 0
 
@@ -383,14 +384,11 @@ def _fsdp_plan(
     sharded the same way, one decoder layer gathered at a time."""
     shape = ModelShape.from_config(model_config)
     w = config.runtime.workers
-    c = config.calibration
-    checkpointing = config.runtime.activation_checkpointing
     source_bytes = shape.total_params * dtype_bytes(model_config)
     # Loading reads this worker's rows through mmap, one file at a time: those pages count as resident
     # until the file is closed.
     phases = {"load": min(largest_file or HF_SHARD_BYTES, source_bytes) // w}
-    # plain and squared sums, for the batch and the running totals, and the plain reduce-scatter buffers
-    phases["gradient_pass"] = _fsdp_gradient_pass(shape, w, c.seqlen, checkpointing, sum_sets=5)
+    phases["gradient_pass"] = _structured_gradient_pass(config, model_config)
     phases.update(_structured_phases(shape, w, config))
     if config.evaluation.eval_after:
         phases["evaluation"] = _fsdp_evaluation(shape, config.evaluation.eval_seqlen)
@@ -423,20 +421,25 @@ def _gathered_layer(shape: ModelShape) -> int:
     return 2 * shape.layer_params * FP32
 
 
-def _fsdp_gradient_pass(shape: ModelShape, workers: int, seqlen: int, checkpointing: bool, sum_sets: int) -> int:
-    sharded_sums = -(-shape.layers * shape.layer_linear_params * FP32 // workers)  # one fp32 set, sharded
-    sharded_grads = sharded_sums  # FSDP's sharded .grad between reduce-scatters
-    unsharded_layer_grad = shape.layer_linear_params * FP32
-    backward = _backward_activations(shape, seqlen, checkpointing)
-    return sum_sets * sharded_sums + sharded_grads + unsharded_layer_grad + backward + _gathered_layer(shape)
+def _structured_gradient_pass(config: PruneConfig, model_config: dict) -> int:
+    """saap's gradient pass: one layer-wise pass per stability batch (all of the batch's stored layer inputs in
+    host memory, the fp64 squared and plain sums of one layer), while each worker keeps its fp32 rows of the
+    squared and plain sums for the batch and for the running totals (four sets, sharded)."""
+    run = _run(config, model_config)
+    c, s = config.calibration, config.structured
+    batch_sequences = math.ceil(math.ceil(c.nsamples / min(s.stability_batches, c.nsamples)) / run.workers)
+    run = replace(run, sequences=batch_sequences, gradient_pass=True, gradient=FP32)
+    shape = run.shape
+    sharded_sets = 4 * run.own_rows(shape.layers * shape.layer_linear_params, FP32)
+    plain = shape.layer_linear_params * FP64  # the pass's plain sums, beside the squared ones
+    return sharded_sets + plain + _layerwise_gradient_pass(run) + run.stored_inputs
 
 
-def _backward_activations(shape: ModelShape, tokens: int, checkpointing: bool) -> int:
+def _backward_activations(shape: ModelShape, tokens: int) -> int:
+    """Activations autograd keeps for one backward of every layer, and the logits."""
     per_layer = tokens * (SAVED_PER_TOKEN_HIDDEN * shape.hidden + SAVED_PER_TOKEN_MLP * shape.mlp) * FP32
-    # With checkpointing only each layer's input survives the forward; one layer is recomputed at a time.
-    saved = shape.layers * tokens * shape.hidden * FP32 + per_layer if checkpointing else shape.layers * per_layer
     logits = 3 * tokens * shape.vocab * FP32  # logits, log-softmax, their gradient
-    return saved + logits
+    return shape.layers * per_layer + logits
 
 
 def _structured_phases(shape: ModelShape, workers: int, config: PruneConfig) -> dict[str, int]:
@@ -449,7 +452,7 @@ def _structured_phases(shape: ModelShape, workers: int, config: PruneConfig) -> 
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         sides = 4 * shape.hidden + 2 * q + 2 * kv + 3 * (shape.hidden + shape.mlp)  # in + out of the 7 Linears
         adapters = 4 * s.recover_rank * sides * shape.layers * FP32  # A and B, their grads, AdamW's two states
-        backward = _backward_activations(shape, sequences * c.seqlen, checkpointing=False)
+        backward = _backward_activations(shape, sequences * c.seqlen)
         phases["recovery"] = adapters + backward + _gathered_layer(shape)  # the original model is gone by then
     return phases
 
@@ -494,13 +497,15 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def read_model_config(model_path: Path) -> tuple[dict, int | None]:
+def plan_inputs(model_path: Path) -> tuple[dict, int | None]:
     """config.json, and the bytes of the checkpoint's largest safetensors file (None without weights)."""
+    if model_path.is_dir() and ((model_path / INDEX_FILE).is_file() or (model_path / SINGLE_FILE).is_file()):
+        info = inspect_checkpoint(model_path)  # weights present: check them as prune would
+        return info.config, max(f.stat().st_size for f in info.weight_files)
     config_file = model_path / "config.json" if model_path.is_dir() else model_path
     if not config_file.is_file():
         raise CheckpointError(f"no config.json at {model_path}")
-    files = list(model_path.glob("*.safetensors")) if model_path.is_dir() else []
-    return json.loads(config_file.read_text()), max((f.stat().st_size for f in files), default=None)
+    return read_model_config(config_file), None
 
 
 def _limits(config: PruneConfig) -> tuple[int | None, int | None]:
@@ -513,7 +518,7 @@ def _limits(config: PruneConfig) -> tuple[int | None, int | None]:
 def plan_both(config: PruneConfig, model_path: Path) -> dict[str, MemoryPlan]:
     """The plans `dist-prune plan` shows: resident and stream for "auto" (saap: resident only), else the one
     asked for; each with its activation storage resolved."""
-    model_config, largest_file = read_model_config(model_path)
+    model_config, largest_file = plan_inputs(model_path)
     limit, host_limit = _limits(config)
     return _plans(config, model_config, limit, largest_file, host_limit)
 

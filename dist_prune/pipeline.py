@@ -10,14 +10,15 @@ from pathlib import Path
 from .assets import resolve_model
 from .checkpoint import CheckpointInfo, check_pattern_fits, inspect_checkpoint, load_model, load_tokenizer
 from .config import PruneConfig
-from .data import evaluation_windows, load_text, tokenize
-from .errors import ConfigError
-from .gradients import check_gradient_file_shapes, load_gradient_sums
+from .data import evaluation_windows, load_text, load_token_windows, tokenize
+from .errors import CalibrationError, ConfigError
+from .gradients import check_gradient_file_shapes, is_gradients_file, load_gradient_sums
 from .launch import launch, torchrun_world
 from .memory import check_fits, plan_for, resolve_runtime
 from .metrics import perplexity
 from .progress import Progress
 from .registry import method
+from .writer import check_gradients_output, check_output
 
 
 def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
@@ -29,18 +30,18 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
     else:
         info = inspect_checkpoint(resolve_model(config.model))
         check_pattern_fits(info, config.nm)
-    if Path(config.out).exists() and not config.runtime.overwrite:
-        raise ConfigError(f"output {config.out} already exists (pass --overwrite to replace it)")
+    check_output(Path(config.out), info.path, config.runtime.overwrite, config.runtime.resume)
     if method(config.prune.method).gradients and config.prune.gradients:
         _check_gradients_file(config, info)
+    if config.calibration.calib_tokens:
+        _check_calibration_tokens(config, info)
     return launch("prune", _resolved(config, info), progress or Progress("quiet"))
 
 
 def compute_gradients(config: PruneConfig, out: Path, progress: Progress | None = None) -> Path | None:
     """`dist-prune grad`: the GBLM gradient pass alone, saved for later `prune --gradients FILE` runs."""
     info = inspect_checkpoint(resolve_model(config.model))
-    if out.exists() and not config.runtime.overwrite:
-        raise ConfigError(f"gradients file {out} already exists (pass --overwrite to replace it)")
+    check_gradients_output(out, info.path, config.runtime.overwrite, is_gradients_file)
     return launch("grad", _resolved(config, info), progress or Progress("quiet"))
 
 
@@ -49,6 +50,17 @@ def _resolved(config: PruneConfig, info: CheckpointInfo) -> PruneConfig:
     config = resolve_runtime(torchrun_world(config), info.path)
     check_fits(plan_for(config, info.path))
     return config
+
+
+def _check_calibration_tokens(config: PruneConfig, info: CheckpointInfo) -> None:
+    """Token ids the embedding has no row for would fail deep inside a worker: refuse them here."""
+    c, vocab = config.calibration, info.config["vocab_size"]
+    windows = load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
+    if int(windows.min()) < 0 or int(windows.max()) >= vocab:
+        raise CalibrationError(
+            f"{c.calib_tokens} holds token ids from {int(windows.min())} to {int(windows.max())}; "
+            f"this model's vocabulary has ids 0 to {vocab - 1}"
+        )
 
 
 def _check_gradients_file(config: PruneConfig, info: CheckpointInfo) -> None:
@@ -65,6 +77,8 @@ def evaluate_model(
     from .launch import pick_device
 
     info = inspect_checkpoint(resolve_model(model))
+    if seqlen < 2 or (windows is not None and windows < 1):
+        raise ConfigError(f"eval needs --seqlen of at least 2 and --windows of at least 1, got {seqlen} and {windows}")
     tokenizer = load_tokenizer(info.path)
     batches = evaluation_windows(tokenize(tokenizer, load_text(text, "evaluation")), seqlen, windows)
     start = time.perf_counter()

@@ -1,9 +1,12 @@
 """Writing the pruned checkpoint: one safetensors file per decoder layer as soon as it is finished.
 
 Everything goes into a hidden sibling directory that is renamed into place only when complete, so a
-crashed or failed run never leaves a directory that looks like a checkpoint.
+crashed or failed run never leaves a directory that looks like a checkpoint; its manifest lets an
+interrupted run resume from its last verified layer. Nothing the user owns is ever replaced: the driver's
+checks (`check_output`, `check_gradients_output`) and the publish step refuse it.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .checkpoint import INDEX_FILE
@@ -30,41 +33,191 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointWriter:
-    """Use as a context manager: on an exception the partial directory is removed."""
+# Written into every output: what `--overwrite` checks before it replaces a directory.
+MANIFEST = "dist_prune.json"
+MANIFEST_KIND = "dist_prune/pruned-checkpoint"
 
-    def __init__(self, out: Path, num_layers: int, overwrite: bool = False):
+
+def partial_dir(out: Path) -> Path:
+    """Where a run builds `out`: a hidden sibling with a name stable across runs, so --resume finds it."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def resumable_partial(out: Path) -> Path | None:
+    """The partial directory of an interrupted run for `out` that finished at least one layer, if any."""
+    try:
+        manifest = json.loads((partial_dir(out) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return partial_dir(out) if manifest.get("layers") else None
+
+
+def check_output(out: Path, source: Path, overwrite: bool, resume: bool = False) -> None:
+    """The driver's check that writing `out` cannot touch what the user owns: never the source model, a
+    directory holding it or one inside it; an existing `out` only with --overwrite, and only when it is a
+    previous dist_prune output; an interrupted run's partial output only with --resume."""
+    _check_apart(out, source, "output")
+    if resume and resumable_partial(out) is None:
+        raise DistPruneError(f"nothing to resume: {partial_dir(out)} holds no finished layer of an interrupted run")
+    if not resume and partial_dir(out).exists():
+        raise DistPruneError(
+            f"{partial_dir(out)} holds an interrupted run for {out}: pass --resume to continue it, or remove it"
+        )
+    if out.exists() and not overwrite:
+        raise DistPruneError(f"output {out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not is_dist_prune_output(out):
+        raise DistPruneError(
+            f"--overwrite only replaces a previous dist_prune output, and {out} is not one (it has no {MANIFEST})"
+        )
+
+
+def check_gradients_output(out: Path, source: Path, overwrite: bool, is_gradients_file) -> None:
+    """The same for `dist-prune grad --out FILE`: never inside the source model; an existing file only with
+    --overwrite, and only when it is a gradients file written by `dist-prune grad`."""
+    _check_apart(out, source, "gradients file")
+    if out.exists() and not overwrite:
+        raise DistPruneError(f"gradients file {out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not (out.is_file() and is_gradients_file(out)):
+        raise DistPruneError(f"--overwrite only replaces a gradients file written by `dist-prune grad`; {out} is not")
+
+
+def _check_apart(out: Path, source: Path, what: str) -> None:
+    out, source = out.resolve(), source.resolve()
+    if out == source or out in source.parents or source in out.parents:
+        raise DistPruneError(f"the {what} {out} is, holds or lies inside the source model {source}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verifies(path: Path, record: dict) -> bool:
+    return path.is_file() and path.stat().st_size == record["size"] and file_sha256(path) == record["sha256"]
+
+
+def verify_output(path: Path) -> list[str]:
+    """Every file the manifest of a dist_prune output lists, checked against its size and SHA-256: the
+    names of those that do not verify."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    return [record["file"] for record in manifest["layers"].values() if not _verifies(path / record["file"], record)]
+
+
+def is_dist_prune_output(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("kind") == MANIFEST_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class Interrupted(DistPruneError):
+    """SIGINT or SIGTERM: the run stopped at a layer boundary and its partial output is kept for --resume."""
+
+    exit_code = 130
+
+
+class CheckpointWriter:
+    """The output directory, built as a hidden sibling (`.NAME.partial`) and renamed into place when complete.
+
+    The partial directory has a name stable across runs and a manifest (MANIFEST) recording the run's settings
+    and, per finished layer, its file's size and SHA-256, so an interrupted run can be resumed: `resume=True`
+    reuses every layer that still verifies. A failure before any layer is finished removes the partial
+    directory (bad input leaves nothing); after that it is kept, and the error says how to resume.
+    """
+
+    def __init__(
+        self, out: Path, num_layers: int, settings: dict, overwrite: bool = False, resume: bool = False,
+        resumable: bool = True,
+    ):  # fmt: skip
+        """`resumable=False` (structured pruning writes every layer at the end): any failure removes the partial
+        directory."""
         self.out = out
+        self.resumable = resumable
         self.num_layers = num_layers
         self.overwrite = overwrite
-        if out.exists() and not overwrite:
-            raise DistPruneError(f"output {out} already exists (pass --overwrite to replace it)")
-        self.partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        self.partial = partial_dir(out)
+        self.manifest = {"kind": MANIFEST_KIND, "complete": False, "settings": settings, "layers": {}}
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
+        if resume:
+            self._reopen(settings)
+        elif self.partial.exists():
+            raise DistPruneError(
+                f"{self.partial} holds an interrupted run for {out}: pass --resume to continue it, or remove it"
+            )
+
+    def _reopen(self, settings: dict) -> None:
+        if not (self.partial / MANIFEST).is_file():
+            raise DistPruneError(f"nothing to resume: {self.partial} does not hold an interrupted run")
+        found = json.loads((self.partial / MANIFEST).read_text())
+        changed = sorted(
+            k for k in settings.keys() | found["settings"].keys() if settings.get(k) != found["settings"].get(k)
+        )
+        if changed:
+            raise DistPruneError(f"--resume needs the interrupted run's settings; these differ: {', '.join(changed)}")
+        self.manifest["layers"] = found["layers"]
 
     def __enter__(self) -> "CheckpointWriter":
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.partial.mkdir(parents=True)
+        self.partial.mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None and not (self.resumable and self.manifest["layers"]):
             shutil.rmtree(self.partial, ignore_errors=True)
 
-    def write_layer(self, index: int, tensors: dict[str, Tensor]) -> None:
-        self._write(f"model-layer-{index:05d}-of-{self.num_layers:05d}.safetensors", tensors)
+    def verified_layers(self) -> list[dict]:
+        """The report entries of the finished layers 0..k-1 whose files still verify (size and SHA-256), in
+        order; the first that does not ends the list, and it and every later one is done again."""
+        entries = []
+        for index in range(self.num_layers):
+            record = self.manifest["layers"].get(str(index))
+            if record is None or not _verifies(self.partial / record["file"], record):
+                break
+            entries.append(record["entry"])
+            self.weight_map.update(dict.fromkeys(record["tensors"], record["file"]))
+            self.total_size += record["bytes"]
+        for later in range(len(entries), self.num_layers):
+            self.manifest["layers"].pop(str(later), None)
+        return entries
+
+    def read_layer(self, index: int) -> dict[str, Tensor]:
+        return load_file(self.partial / self.manifest["layers"][str(index)]["file"])
+
+    def write_layer(self, index: int, tensors: dict[str, Tensor], entry: dict) -> None:
+        """The layer's file, then its line in the manifest (written atomically): a layer counts as finished
+        only once both are on disk."""
+        filename = f"model-layer-{index:05d}-of-{self.num_layers:05d}.safetensors"
+        size = self._write(filename, tensors)
+        self.manifest["layers"][str(index)] = {
+            "file": filename,
+            "size": (self.partial / filename).stat().st_size,
+            "sha256": file_sha256(self.partial / filename),
+            "tensors": sorted(tensors),
+            "bytes": size,
+            "entry": entry,
+        }
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        staged = self.partial / f"{MANIFEST}.tmp"
+        staged.write_text(json.dumps(self.manifest, indent=1) + "\n")
+        os.replace(staged, self.partial / MANIFEST)
 
     def write_rest(self, tensors: dict[str, Tensor]) -> None:
         """Embeddings, final norm and (untied) lm_head."""
         self._write("model-rest.safetensors", tensors)
 
-    def _write(self, filename: str, tensors: dict[str, Tensor]) -> None:
+    def _write(self, filename: str, tensors: dict[str, Tensor]) -> int:
+        """Returns the bytes of tensor data written."""
         tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
         save_file(tensors, self.partial / filename, metadata={"format": "pt"})
-        for name, tensor in tensors.items():
-            self.weight_map[name] = filename
-            self.total_size += tensor.numel() * tensor.element_size()
+        size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        self.weight_map.update(dict.fromkeys(tensors, filename))
+        self.total_size += size
+        return size
 
     def write_json(self, filename: str, payload: dict) -> None:
         (self.partial / filename).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
@@ -85,6 +238,8 @@ class CheckpointWriter:
         self.write_json("config.json", config)
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         self.write_json(INDEX_FILE, index)
+        self.manifest["complete"] = True
+        self._write_manifest()
         self._publish()
         return self.out
 
@@ -92,6 +247,12 @@ class CheckpointWriter:
         if not self.out.exists():
             self.partial.rename(self.out)
             return
+        # Something appeared at `out` while this run worked (another job, another user): it is not ours to
+        # remove unless --overwrite was given and it is a dist_prune output.
+        if not self.overwrite or not is_dist_prune_output(self.out):
+            raise DistPruneError(
+                f"{self.out} appeared while this run was working and is left as it is; the result was not written"
+            )
         # Replacing: move the old one aside first so that a complete checkpoint is always at `out`
         # except for the instant between two renames.
         old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")

@@ -75,8 +75,13 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         all_reduce_statistics,
         select_lowest_global,
     )
-    from dist_prune.distributed.grad_pass import GradientRequest, gather_gradient_sums, sharded_gradient_pass
-    from dist_prune.distributed.layer_gradients import ActivationStore, Scratch, layerwise_gradient_pass
+    from dist_prune.distributed.layer_gradients import (
+        ActivationStore,
+        GradientRequest,
+        LayerSums,
+        Scratch,
+        layerwise_gradient_pass,
+    )
     from dist_prune.distributed.process_group import init_workers, local_share, teardown
     from dist_prune.distributed.residency import ResidentStore, StreamStore
     from dist_prune.distributed.sharded_model import (
@@ -113,31 +118,23 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         result["resident_layer1"] = resident.layer(1)
         result["resident_bytes"] = resident.resident_bytes
 
-        for norm, storage in (("l2", "memory"), ("l1", "disk")):
-            sums: dict = {}
-            keep = sums.update  # bound now: the pass calls it with each layer's sums
-            with Scratch(out, f"rank{rank}") as scratch:
-                activations = ActivationStore(scratch if storage == "disk" else None, workers.device)
-                stream = StreamStore(data["tied"], 2, True)
-                loss = layerwise_gradient_pass(
-                    stream, model_config, windows, SCALE, norm, workers, activations, torch.float32,
-                    lambda _index, layer_sums, keep=keep: keep(layer_sums),
-                )  # fmt: skip
-            result[f"layerwise_{norm}"] = (sums, loss)
+        stream = StreamStore(data["tied"], 2, True)
 
-        for norm in ("l2", "l1"):
-            sums = sharded_gradient_pass(tied, windows, workers, GradientRequest(SCALE, norm))
-            result[f"grad_{norm}"] = gather_gradient_sums(tied, sums.power)
-        # structured pruning's request: plain sums too, input sums, one layer, with checkpointing
+        def layerwise(request: GradientRequest, scratch: Scratch | None = None):
+            found: dict[int, LayerSums] = {}
+            activations = ActivationStore(scratch, workers.device)
+            loss = layerwise_gradient_pass(
+                stream, model_config, windows, request, workers, activations, torch.float32, found.__setitem__
+            )
+            return found, loss
+
+        result["layerwise_l2"] = layerwise(GradientRequest(SCALE, "l2"))
+        with Scratch(out, f"rank{rank}") as scratch:  # stored inputs on disk
+            result["layerwise_l1"] = layerwise(GradientRequest(SCALE, "l1"), scratch)
+        # structured pruning's request: plain sums too, input sums, one layer
         owners = tuple(o.removeprefix("model.layers.1.") for o in INPUT_OWNERS)
-        request = GradientRequest(plain=True, layers=(1,), input_owners=owners)
-        sums = sharded_gradient_pass(tied, windows, workers, request, checkpointing=True)
-        result["structured"] = {
-            "plain": gather_gradient_sums(tied, sums.plain),
-            "fisher": gather_gradient_sums(tied, sums.power),
-            "inputs": sums.input_sq,
-            "sequences": sums.sequences,
-        }
+        found, _ = layerwise(GradientRequest(plain=True, input_owners=owners, layers=frozenset({1})))
+        result["structured"] = found
 
         for shard in shards.values():
             shard.tensor.mul_(2.0)  # what writing pruned rows back does
@@ -289,7 +286,8 @@ def test_layerwise_grad_pass_equals_single_process(reference, results, norm):
     whole model's backward one sequence at a time; sequences split unevenly over the workers."""
     expected = reference[f"grad_{norm}"]
     for r in results:
-        got, loss = r[f"layerwise_{norm}"]
+        found, loss = r[f"layerwise_{norm}"]
+        got = {name: t for layer in found.values() for name, t in layer.power.items()}
         assert set(got) == set(expected)
         for name, tensor in got.items():
             assert tensor.dtype == torch.float64  # the caller rounds once
@@ -297,37 +295,29 @@ def test_layerwise_grad_pass_equals_single_process(reference, results, norm):
         assert loss == pytest.approx(reference["loss"], rel=1e-6)
 
 
+def test_structured_sums_equal_single_process(reference, results):
+    """Plain and squared per-sample gradient sums of one asked layer, and input square sums counted once per
+    sequence, at 1, 2 and 3 workers; the layers below it are never visited."""
+    plain, inputs = reference["structured"]
+    layer1 = {name for name in plain if name.startswith("model.layers.1.")}
+    for r in results:
+        assert set(r["structured"]) == {1}
+        got = r["structured"][1]
+        assert set(got.plain) == set(got.power) == layer1
+        for name in layer1:
+            torch.testing.assert_close(got.plain[name].float(), plain[name], rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(
+                got.power[name].float(), reference["grad_l2"][name] / SCALE**2, rtol=1e-5, atol=0.0
+            )
+        assert set(got.input_sq) == set(inputs)
+        for name, tensor in inputs.items():
+            torch.testing.assert_close(got.input_sq[name].float(), tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_stem_and_built_layer_reproduce_layer_outputs(reference, results):
     for r in results:
         start, out = r["layer0_out"]
         torch.testing.assert_close(out, reference["layer0_out"][start : start + out.shape[0]], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("norm", ["l2", "l1"])
-def test_grad_pass_equals_single_process(reference, results, norm):
-    expected = reference[f"grad_{norm}"]
-    for r in results:
-        got = r[f"grad_{norm}"]
-        assert set(got) == set(expected)
-        for name, tensor in got.items():
-            assert tensor.dtype == torch.float32
-            torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=0.0, msg=name)
-
-
-def test_structured_grad_pass_equals_single_process(reference, results):
-    """Plain and squared per-sample gradient sums of one layer, and input square sums counted once per
-    sequence although checkpointing recomputes every forward, at 1, 2 and 3 workers."""
-    plain, inputs = reference["structured"]
-    layer1 = {name for name in plain if name.startswith("model.layers.1.")}
-    for r in results:
-        got = r["structured"]
-        assert set(got["plain"]) == set(got["fisher"]) == layer1 and got["sequences"] == NSEQ
-        for name in layer1:
-            torch.testing.assert_close(got["plain"][name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
-            torch.testing.assert_close(got["fisher"][name], reference["grad_l2"][name] / SCALE**2, rtol=1e-5, atol=0.0)
-        assert set(got["inputs"]) == set(inputs)
-        for name, tensor in inputs.items():
-            torch.testing.assert_close(got["inputs"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_global_selection_equals_full_matrix(data, results):

@@ -201,18 +201,19 @@ def test_a_target_beyond_capacity_is_refused():
 
 
 def test_calibration_sums_are_total_gradient_and_per_sample_squares(tiny_llama):
-    """The sharded pass at one worker; tests/test_distributed.py runs it at 2 and 3 against the same loop."""
-    from dist_prune.distributed import GradientRequest, init_workers, load_sharded_model, teardown
-    from dist_prune.distributed import sharded_gradient_pass as gradient_pass
-    from dist_prune.structured.scoring import INPUT_OWNERS
+    """The layer-wise pass as structured scoring asks for it, at one worker (tests/test_distributed.py runs the
+    pass at 2 and 3 against the same loop), kept as the worker's FSDP rows."""
+    from dist_prune.distributed import init_workers, load_sharded_model, teardown
+    from dist_prune.distributed.residency import StreamStore
+    from dist_prune.structured.scoring import GradientSource, batch_sums
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     windows = torch.randint(0, 49152, (3, 16), generator=torch.Generator().manual_seed(0))
     workers = init_workers(0, 1)
     try:
         sharded = load_sharded_model(tiny_llama, workers)
-        request = GradientRequest(plain=True, layers=(1,), input_owners=INPUT_OWNERS)
-        sums = gradient_pass(sharded, windows, workers, request, checkpointing=True)
+        source = GradientSource(StreamStore(tiny_llama, 2, True), sharded.config, torch.float32)
+        sums = batch_sums(sharded, source, windows, [1], workers)
     finally:
         teardown()
     assert all(name.startswith("model.layers.1.") for name in sums.plain)
@@ -230,8 +231,7 @@ def test_calibration_sums_are_total_gradient_and_per_sample_squares(tiny_llama):
     hook.remove()
     torch.testing.assert_close(sums.plain[name], sum(per_sample))
     torch.testing.assert_close(sums.power[name], sum(g.square() for g in per_sample))
-    # counted once per sequence, though checkpointing runs every forward twice
-    torch.testing.assert_close(sums.input_sq[name], sum(inputs))
+    torch.testing.assert_close(sums.input_sq[name], sum(inputs))  # counted once per sequence
     assert sums.sequences == 3
 
 

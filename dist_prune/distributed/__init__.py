@@ -1,5 +1,6 @@
-"""Everything that knows about workers: process groups, FSDP2 row sharding, the sharded per-sample gradient
-pass and the few cross-worker reductions. The maths in `dist_prune.methods` never imports torch.distributed."""
+"""Everything that knows about workers: process groups, where weights live (residency), the layer-wise
+per-sample gradient pass, the few cross-worker reductions, and FSDP2 row sharding for structured pruning.
+The maths in `dist_prune.methods` never imports torch.distributed."""
 
 from .collectives import (
     ShardSelector,
@@ -8,8 +9,16 @@ from .collectives import (
     all_reduce_statistics,
     select_lowest_global,
 )
-from .grad_pass import GradientRequest, GradientSums, gather_gradient_sums, sharded_gradient_pass
-from .process_group import Workers, batch_share, free_port, init_from_env, init_workers, local_share, teardown
+from .process_group import (
+    StopRequest,
+    Workers,
+    batch_share,
+    free_port,
+    init_from_env,
+    init_workers,
+    local_share,
+    teardown,
+)
 from .sharded_model import (
     RowShard,
     copy_local_rows,
@@ -22,10 +31,9 @@ from .sharded_model import (
 )
 
 __all__ = [
-    "GradientRequest",
-    "GradientSums",
     "RowShard",
     "ShardSelector",
+    "StopRequest",
     "Workers",
     "all_reduce_in_order",
     "all_reduce_layer_statistics",
@@ -33,7 +41,6 @@ __all__ = [
     "batch_share",
     "copy_local_rows",
     "free_port",
-    "gather_gradient_sums",
     "gather_layer_state",
     "gather_non_layer_state",
     "gather_state",
@@ -44,6 +51,5 @@ __all__ = [
     "local_share",
     "select_lowest_global",
     "shard_model",
-    "sharded_gradient_pass",
     "teardown",
 ]

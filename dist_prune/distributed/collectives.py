@@ -161,3 +161,21 @@ def gather_rows(local: Tensor, total_rows: int) -> Tensor:
     everyone = local.new_empty((world * largest, *local.shape[1:]))
     dist.all_gather_single(everyone, padded)
     return torch.cat([everyone[rank * largest : rank * largest + len(b)] for rank, b in enumerate(blocks)])
+
+
+def broadcast_from_first(tensors: dict[str, Tensor] | None, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Worker 0's tensors on every worker (a collective); the others pass None and `like`, tensors of the same
+    names, shapes and dtypes."""
+    if not _distributed():
+        return tensors
+    received = {}
+    for name in sorted(like):
+        tensor = tensors[name].contiguous() if tensors is not None else torch.empty_like(like[name])
+        dist.broadcast(tensor, src=0)
+        received[name] = tensor
+    return received
+
+
+def any_worker(flag: bool, device: torch.device) -> bool:
+    """True on every worker when it is True on at least one (a collective)."""
+    return sum_across_workers([float(flag)], device)[0] > 0

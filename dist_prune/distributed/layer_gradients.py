@@ -14,6 +14,7 @@ rows of each finished layer in the scratch directory, for the layer loop to read
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,20 +85,39 @@ class ActivationStore:
         return [h.to(self.device) for h in hidden.split(1)]
 
 
+@dataclass(frozen=True)
+class GradientRequest:
+    """What the pass sums, per decoder Linear weight of `layers` (None: every decoder layer)."""
+
+    scale: float = 1.0
+    norm: str = "l2"  # sum_n (scale * g_n)^2, or sum_n |scale * g_n| for "l1"
+    plain: bool = False  # also sum_n g_n, unscaled (structured pruning's first-order Taylor term)
+    input_owners: tuple[str, ...] = ()  # Linears ("mlp.down_proj") whose input's sum_{n,t} x^2 is also summed
+    layers: frozenset[int] | None = None
+
+
+@dataclass
+class LayerSums:
+    """One layer's fp64 sums over every worker's sequences, keyed by the weight's checkpoint name."""
+
+    power: dict[str, Tensor]
+    plain: dict[str, Tensor] = field(default_factory=dict)
+    input_sq: dict[str, Tensor] = field(default_factory=dict)
+
+
 def layerwise_gradient_pass(
     store,
     model_config,
     windows: Tensor,
-    scale: float,
-    norm: str,
+    request: GradientRequest,
     workers: Workers,
     activations: ActivationStore,
     dtype: torch.dtype,
-    on_layer: Callable[[int, dict[str, Tensor]], None],
+    on_layer: Callable[[int, LayerSums], None],
     progress: Callable[[], None] | None = None,
 ) -> float:
-    """Calls `on_layer(index, sums)` with the full fp64 sums of every decoder Linear weight of each layer (the
-    same on every worker; round them once), from the top layer down; returns the mean calibration loss.
+    """Calls `on_layer(index, sums)` with the full fp64 sums of each asked layer (the same on every worker;
+    round them once), from the top layer down; returns the mean calibration loss. Two progress steps per layer.
 
     windows: (N, T), the same on every worker, of which this worker uses its `local_share`."""
     mine = local_share(windows.shape[0], workers.rank, workers.world_size)
@@ -105,29 +125,49 @@ def layerwise_gradient_pass(
     embedding = store.read([EMBEDDING])[EMBEDDING].to(workers.device)
     hidden, kwargs = _embed(Stem(model_config, embedding, dtype), tokens)
     del embedding
-    num_layers = store.num_layers
-    for index in range(num_layers):
+    asked = set(range(store.num_layers) if request.layers is None else request.layers)
+    for index in range(store.num_layers):
         layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
         activations.put(index, hidden)
         with torch.no_grad():
             hidden = [_output(layer(h, **kwargs)) for h in hidden]
         del layer
-        if progress is not None:
-            progress()
+        _advance(progress)
     head = Head(model_config, store.read(head_tensor_names(store.tied)), dtype, workers.device)
     grads, loss = _head_gradients(head, hidden, tokens)
     del head, hidden
-    for index in reversed(range(num_layers)):
-        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
+    lowest = min(asked, default=store.num_layers)
+    for index in reversed(range(store.num_layers)):
         inputs = activations.pop(index, len(grads))
-        sums, grads = _layer_sums(layer, index, inputs, grads, kwargs, scale, norm, need_input_grad=index > 0)
-        all_reduce_in_order(sums)
-        on_layer(index, sums)
-        if progress is not None:
-            progress()
+        if index < lowest:  # nothing asked below: the backward can stop
+            _advance(progress)
+            continue
+        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
+        wanted = request if index in asked else None
+        sums, grads = _layer_sums(layer, index, inputs, grads, kwargs, wanted, need_input_grad=index > lowest)
+        if sums is not None:
+            all_reduce_in_order(
+                {
+                    **_prefixed("power", sums.power),
+                    **_prefixed("plain", sums.plain),
+                    **_prefixed("input", sums.input_sq),
+                }
+            )
+            on_layer(index, sums)
+        _advance(progress)
     total_loss = torch.tensor([loss, float(tokens.shape[0])], dtype=torch.float64, device=workers.device)
     all_reduce_in_order({"loss": total_loss})
     return float(total_loss[0] / total_loss[1])
+
+
+def _advance(progress: Callable[[], None] | None) -> None:
+    if progress is not None:
+        progress()
+
+
+def _prefixed(kind: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Unique names across the kinds of sums, for one all-reduce of all of them (same objects: in place)."""
+    return {f"{kind}:{name}": t for name, t in tensors.items()}
 
 
 def _embed(stem: Stem, tokens: Tensor) -> tuple[list[Tensor], dict]:
@@ -158,19 +198,31 @@ def _head_gradients(head: Head, hidden: list[Tensor], tokens: Tensor) -> tuple[l
 
 
 def _layer_sums(
-    layer, index: int, inputs: list[Tensor], grads: list[Tensor], kwargs: dict, scale: float, norm: str,
+    layer, index: int, inputs: list[Tensor], grads: list[Tensor], kwargs: dict, request: GradientRequest | None,
     need_input_grad: bool,
-) -> tuple[dict[str, Tensor], list[Tensor]]:  # fmt: skip
-    """One layer's fp64 sums over this worker's sequences, and the gradients at the layer's input.
+) -> tuple[LayerSums | None, list[Tensor]]:  # fmt: skip
+    """One layer's fp64 sums over this worker's sequences (none when `request` is None: the layer only passes
+    the gradient down), and the gradients at the layer's input.
 
-    Each weight's gradient is added into its sum the moment backward produces it and then dropped, so one
-    Linear's gradient is alive at a time, not the whole layer's."""
-    sums, handles = {}, []
-    for name in LINEARS:
-        weight = layer.get_submodule(name).weight
-        total = sums[linear_weight_name(index, name)] = torch.zeros_like(weight, dtype=torch.float64)
-        weight.requires_grad_(True)
-        handles.append(weight.register_post_accumulate_grad_hook(_accumulate_into(total, scale, norm)))
+    Each weight's gradient is added into its sums the moment backward produces it and then dropped, so one
+    Linear's gradient is alive at a time, not the whole layer's. Each sequence's forward runs once here, so
+    input sums hooked on it count every sequence once."""
+    sums, handles = None, []
+    if request is not None:
+        sums = LayerSums(power={})
+        for name in LINEARS:
+            weight = layer.get_submodule(name).weight
+            weight_name = linear_weight_name(index, name)
+            power = sums.power[weight_name] = torch.zeros_like(weight, dtype=torch.float64)
+            plain = sums.plain[weight_name] = torch.zeros_like(power) if request.plain else None
+            weight.requires_grad_(True)
+            handles.append(weight.register_post_accumulate_grad_hook(_accumulate_into(power, plain, request)))
+        for owner in request.input_owners:
+            linear = layer.get_submodule(owner)
+            total = sums.input_sq[linear_weight_name(index, owner)] = torch.zeros(
+                linear.in_features, dtype=torch.float64, device=linear.weight.device
+            )
+            handles.append(linear.register_forward_hook(_input_square_into(total)))
     below = []
     try:
         for x, grad_out in zip(inputs, grads, strict=True):
@@ -185,10 +237,20 @@ def _layer_sums(
     return sums, below
 
 
-def _accumulate_into(total: Tensor, scale: float, norm: str):
+def _accumulate_into(power: Tensor, plain: Tensor | None, request: GradientRequest):
     def hook(weight: Tensor) -> None:
-        scaled = weight.grad.float() * scale
-        total.add_(scaled.square() if norm == "l2" else scaled.abs())
+        grad = weight.grad.float()
+        scaled = grad * request.scale
+        power.add_(scaled.square() if request.norm == "l2" else scaled.abs())
+        if plain is not None:
+            plain.add_(grad)
         weight.grad = None  # the next sequence starts from zero, and the memory is free at once
+
+    return hook
+
+
+def _input_square_into(total: Tensor):
+    def hook(_module, args: tuple, _output) -> None:
+        total.add_(args[0].detach().float().square().sum(dim=(0, 1)))
 
     return hook

@@ -5,7 +5,9 @@ Every launcher (Ray actors, torchrun, the in-process worker) ends up in `init_wo
 """
 
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -100,6 +102,39 @@ def batch_share(count: int, batch_size: int, rank: int, world_size: int) -> list
     batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
     mine = local_share(len(batches), rank, world_size)
     return batches[mine.start : mine.stop]
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the job to stop at the next layer boundary, where every worker agrees (a
+    collective), so the partial output ends on a finished layer and can be resumed. A second signal stops at
+    once. Signal handlers exist only in a process's main thread; elsewhere (a Ray actor's thread) nothing is
+    installed and the launcher's own handling applies."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.asked = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._ask) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _ask(self, signum, _frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        log.warning("%s: stopping after the current layer (send it again to stop now)", signal.Signals(signum).name)
+
+    def agreed(self, device: torch.device) -> bool:
+        from .collectives import any_worker
+
+        return any_worker(self.asked, device)
 
 
 def _default_device() -> torch.device:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..adapter import decoder_layers
+from ..adapter import compute_dtype, decoder_layers
 from ..assets import resolve_model
 from ..checkpoint import CheckpointInfo, inspect_checkpoint
 from ..config import PruneConfig
 from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
 from ..distributed.evaluation import evaluation_steps, sharded_perplexity
+from ..distributed.residency import StreamStore
 from ..errors import ConfigError
 from ..job import token_windows, worker_memory
 from ..log import get_logger
@@ -39,7 +40,7 @@ from .groups import (
     weight_numel,
 )
 from .recovery import GROUP_ORDER, recover
-from .scoring import ModuleScores, gradient_steps, score_modules
+from .scoring import GradientSource, ModuleScores, gradient_steps, score_modules
 from .surgery import copy_modeling_file, kept_sizes, layer_shape, output_config, rebuild_smaller
 
 log = get_logger()
@@ -68,7 +69,9 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
     windows, eval_windows = token_windows(config, info.path, progress)
-    writer = CheckpointWriter(Path(config.out), info.num_layers, config.runtime.overwrite) if workers.is_main else None
+    writer = None
+    if workers.is_main:
+        writer = CheckpointWriter(Path(config.out), info.num_layers, {}, config.runtime.overwrite, resumable=False)
     with writer or nullcontext():
         with progress.phase("load"):
             model = load_sharded_model(info.path, workers)
@@ -77,7 +80,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
         target = round(s.ratio * params_before["decoder_layers"])
         perplexities = {}
         _measure(perplexities, "dense", model, eval_windows, workers, progress)
-        scored, counts, keeps = _choose_removals(model, windows, layers, target, config, workers, progress)
+        scored, counts, keeps = _choose_removals(model, info, windows, layers, target, config, workers, progress)
         output = output_config(info.config, kept_sizes(shapes_before, keeps), shapes_before[0].head_dim)
         with progress.phase("prune"):
             model = rebuild_smaller(model, keeps, output, info.source_dtype, workers)
@@ -109,6 +112,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
 
 def _choose_removals(
     model: nn.Module,
+    info: CheckpointInfo,
     windows: Tensor,
     layers: list[int],
     target: int,
@@ -118,12 +122,12 @@ def _choose_removals(
 ) -> tuple[list[ModuleScores], list[int], dict[int, LayerKeep]]:
     """Score every group, allocate the target over the modules, pick the lowest-scored groups of each."""
     s = config.structured
-    steps = gradient_steps(windows, s.stability_batches, workers.world_size)
-    with progress.phase("gradients", total=steps) as advance:
+    store = StreamStore(info.path, info.num_layers, info.tied_embeddings)
+    source = GradientSource(store, model.config, compute_dtype(workers.device, info.source_dtype))
+    with progress.phase("gradients", total=gradient_steps(windows, s.stability_batches, info.num_layers)) as advance:
         scored = score_modules(
-            model, windows, layers, s.importance, GQA_MODE, s.stability_batches, workers,
-            config.runtime.activation_checkpointing, advance,
-        )  # fmt: skip
+            model, source, windows, layers, s.importance, GQA_MODE, s.stability_batches, workers, advance
+        )
     modules = [Module(m.layer, m.kind, removal_steps(m.kind, m.shape, GQA_MODE), m.instability) for m in scored]
     counts = allocate(modules, target, adaptive=s.allocation == "adaptive")
     return scored, counts, kept_units(scored, counts)
@@ -224,7 +228,7 @@ def _write_weights(writer: CheckpointWriter | None, model: nn.Module, info: Chec
     for index in range(len(decoder_layers(model))):
         state = gather_layer_state(model, index)
         if writer is not None:
-            writer.write_layer(index, {name: t.to(dtype) for name, t in state.items()})
+            writer.write_layer(index, {name: t.to(dtype) for name, t in state.items()}, entry={})
     rest = gather_non_layer_state(model)  # a tied lm_head is left out: transformers re-ties it on load
     if writer is not None:
         writer.write_rest({name: t.to(dtype) for name, t in rest.items()})
