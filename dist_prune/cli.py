@@ -120,6 +120,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from .launch import WorkerDied
     from .pipeline import prune
 
     config = load_config(args.config, _overrides(args))
@@ -129,6 +130,10 @@ def _prune(args: argparse.Namespace) -> int:
         code = _report_error(err)
         _say_how_to_resume(config, args.argv)
         return code
+    except WorkerDied as err:  # one line: which worker; its traceback died with it
+        print(f"dist-prune: error: {err}", file=sys.stderr)
+        _say_how_to_resume(config, args.argv)
+        return 1
     except BaseException:
         _say_how_to_resume(config, args.argv)
         raise

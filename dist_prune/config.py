@@ -138,9 +138,14 @@ class RuntimeConfig:
     overwrite: bool = False
     """Replace an existing output directory (only a previous dist_prune output, and only once the new one is
     complete)."""
+    max_restarts: int = 0
+    """Ray: restart the workers this many times when one dies, resuming from the last verified layer."""
+    heartbeat_timeout: float = 60.0
+    """Seconds a worker may be silent (dead, hung, stopped) before the others end the job, naming it."""
     resume: bool = False
     """Continue the interrupted run whose partial output (`.NAME.partial` beside --out) is there: every finished
-    layer that still verifies is reused; the settings must be the interrupted run's."""
+    layer that still verifies is reused; the settings must be the interrupted run's. With nothing to resume, a
+    new run starts, so the same command can be repeated (torchrun --max-restarts)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +307,9 @@ def validate(config: PruneConfig) -> None:
     _positive("workers", r.workers)
     if r.threads is not None:
         _positive("threads", r.threads)
+    _positive("heartbeat_timeout", r.heartbeat_timeout)
+    if r.max_restarts < 0:
+        raise ConfigError(f"max_restarts must not be negative, got {r.max_restarts}")
     if r.launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {r.launcher!r}")
     _one_of("residency", r.residency, RESIDENCIES)

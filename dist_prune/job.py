@@ -14,7 +14,6 @@ saved file, and each worker keeps only its rows of them, in the scratch director
 """
 
 import math
-import os
 import resource
 import time
 from contextlib import ExitStack
@@ -329,7 +328,7 @@ def _needs_scratch(config: PruneConfig) -> bool:
 
 def _scratch(config: PruneConfig, workers: Workers) -> Scratch:
     root = Path(config.runtime.scratch) if config.runtime.scratch else Path(config.out).absolute().parent
-    return Scratch(root, f"{Path(config.out).name}-rank{workers.rank}-{os.getpid()}")
+    return Scratch(root, f"{Path(config.out).name}-rank{workers.rank}")
 
 
 def worker_memory(weight_bytes: int, w: Workers, progress: Progress) -> list[dict]:

@@ -74,7 +74,7 @@ def _torchrun_rank(job: str, config: PruneConfig, progress: Progress):
 
     if "RANK" not in os.environ:
         raise ConfigError("--launcher torchrun must run under torchrun (RANK/WORLD_SIZE are not set)")
-    workers = init_from_env(pick_device(config.runtime.device))
+    workers = init_from_env(pick_device(config.runtime.device), heartbeat_s=config.runtime.heartbeat_timeout)
     if not workers.is_main:
         progress = Progress("quiet")  # one view of the job: worker 0's, whose steps all workers share
     setup_logging(quiet=progress.mode == "quiet", rank=workers.rank, world_size=workers.world_size)
@@ -105,7 +105,21 @@ def _as_rank0_decided(config: PruneConfig) -> PruneConfig:
 
 
 def _ray(job: str, config: PruneConfig, progress: Progress):
-    """One actor per worker; the driver relays worker 0's progress and stops every actor on any error."""
+    """One actor per worker; the driver relays worker 0's progress and stops every actor on any error. A worker
+    that dies (killed, out of memory, or ended by the others' heartbeat watchdog) restarts the job up to
+    --max-restarts times, resuming from the last verified layer."""
+    for restart in range(config.runtime.max_restarts + 1):
+        try:
+            return _ray_attempt(job, config, progress)
+        except WorkerDied as died:
+            if restart == config.runtime.max_restarts or job != "prune":
+                raise
+            log.warning("%s; restarting the workers and resuming (%d of %d)", died, restart + 1,
+                        config.runtime.max_restarts)  # fmt: skip
+            config = replace(config, runtime=replace(config.runtime, resume=True))
+
+
+def _ray_attempt(job: str, config: PruneConfig, progress: Progress):
     import ray
     from ray.util.queue import Queue
 
@@ -142,7 +156,7 @@ class WorkerActor:
 
         world_size = config.runtime.workers
         setup_logging(quiet=True, rank=rank, world_size=world_size)
-        workers = init_workers(rank, world_size, address, port, device)
+        workers = init_workers(rank, world_size, address, port, device, heartbeat_s=config.runtime.heartbeat_timeout)
         progress = Progress("quiet", sink=events.put if events is not None else None)
         try:
             return run_job(job, config, workers, progress)
@@ -159,27 +173,56 @@ def _wait_for_workers(futures: list, events, progress: Progress):
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.25)
         for record in events.get_nowait_batch(events.qsize()):
             progress.replay(record)
-        for future in done:
-            _result_or_raise(future)
+        if any(_failed(future) for future in done):
+            _raise_the_cause(futures)
     for record in events.get_nowait_batch(events.qsize()):
         progress.replay(record)
     return ray.get(futures[0])
 
 
-def _result_or_raise(future) -> None:
+# After a worker dies, the others fail in their next collective within seconds: wait that long for every
+# worker's outcome, so the dead one is named rather than a survivor's connection error.
+SETTLE_S = 30
+
+
+def _failed(future) -> bool:
     import ray
 
     try:
         ray.get(future)
-    except ray.exceptions.RayTaskError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, DistPruneError):
-            raise cause from None  # bad input: the same one-line message and exit code as in-process
-        raise WorkerFailed(f"a worker failed; its traceback:\n{err}") from None
+    except ray.exceptions.RayError:
+        return True
+    return False
+
+
+def _raise_the_cause(futures: list) -> None:
+    """A dead worker first (the job can resume), then bad input (one line, exit 2), then any other error."""
+    import ray
+
+    ray.wait(futures, num_returns=len(futures), timeout=SETTLE_S)
+    errors = {}
+    for rank, future in enumerate(futures):
+        try:
+            ray.get(future, timeout=0)
+        except ray.exceptions.GetTimeoutError:
+            continue  # still running: stopped with the rest
+        except ray.exceptions.RayError as err:
+            errors[rank] = err
+    dead = [rank for rank, err in errors.items() if isinstance(err, ray.exceptions.RayActorError)]
+    if dead:
+        raise WorkerDied(f"worker {dead[0]} died (killed, out of memory, or stopped by a silent worker)")
+    for err in errors.values():
+        if isinstance(getattr(err, "cause", None), DistPruneError):
+            raise err.cause from None  # bad input: the same one-line message and exit code as in-process
+    raise WorkerFailed(f"a worker failed; its traceback:\n{next(iter(errors.values()))}")
 
 
 class WorkerFailed(RuntimeError):
     """A worker raised something other than bad input (exit code 1 with the worker's traceback)."""
+
+
+class WorkerDied(WorkerFailed):
+    """A worker's process ended without an answer: the job can resume from its last verified layer."""
 
 
 def _ray_init(config: PruneConfig) -> None:

@@ -57,8 +57,6 @@ def check_output(out: Path, source: Path, overwrite: bool, resume: bool = False)
     directory holding it or one inside it; an existing `out` only with --overwrite, and only when it is a
     previous dist_prune output; an interrupted run's partial output only with --resume."""
     _check_apart(out, source, "output")
-    if resume and resumable_partial(out) is None:
-        raise DistPruneError(f"nothing to resume: {partial_dir(out)} holds no finished layer of an interrupted run")
     if not resume and partial_dir(out).exists():
         raise DistPruneError(
             f"{partial_dir(out)} holds an interrupted run for {out}: pass --resume to continue it, or remove it"
@@ -150,8 +148,9 @@ class CheckpointWriter:
             )
 
     def _reopen(self, settings: dict) -> None:
+        """Resuming with nothing to resume starts afresh: the same command may be repeated."""
         if not (self.partial / MANIFEST).is_file():
-            raise DistPruneError(f"nothing to resume: {self.partial} does not hold an interrupted run")
+            return
         found = json.loads((self.partial / MANIFEST).read_text())
         changed = sorted(
             k for k in settings.keys() | found["settings"].keys() if settings.get(k) != found["settings"].get(k)

@@ -57,3 +57,25 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text(wikipedia_text("calibration")[:200_000])
     return path
+
+
+RAY_ENV = {"GLOO_SOCKET_IFNAME": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A single-machine Ray cluster on loopback, as `ray start --head` makes it, shared by every test module."""
+    import subprocess
+    import sys
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = 6390
+
+    def cli(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=600)
+
+    started = cli([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "4",
+                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"])  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield f"127.0.0.1:{port}"
+    cli([ray, "stop", "--force"])

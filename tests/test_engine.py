@@ -276,19 +276,6 @@ def test_torchrun_two_nodes_on_loopback(outputs, uneven_llama, text_file, tmp_pa
     assert json.loads((out / "prune_report.json").read_text())["machine"]["workers"] == 2
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A single-machine Ray cluster on loopback, as `ray start --head` makes it."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    port = 6390
-    started = _cli([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--num-cpus", "4", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                    "--disable-usage-stats"])  # fmt: skip
-    assert started.returncode == 0, started.stdout + started.stderr
-    yield f"127.0.0.1:{port}"
-    _cli([ray, "stop", "--force"])
-
-
 def test_ray_actors(outputs, uneven_llama, text_file, tmp_path, ray_head):
     out = tmp_path / "ray"
     args = _prune_args(uneven_llama, out, text_file, "sparsegpt") + ["--launcher", "ray", "--workers", "2"]

@@ -54,7 +54,12 @@ def assert_identical(a: Path, b: Path) -> None:
         assert torch.equal(first[name], second[name]), name
     reports = [json.loads((p / "prune_report.json").read_text()) for p in (a, b)]
     assert reports[0]["perplexity"] == reports[1]["perplexity"]
-    assert [layer["modules"] for layer in reports[0]["layers"]] == [layer["modules"] for layer in reports[1]["layers"]]
+    for first, second in zip(reports[0]["layers"], reports[1]["layers"], strict=True):
+        for name, module in first["modules"].items():
+            other = second["modules"][name]
+            # GBLM's gradient share is a report figure summed over row shards: exact only at equal worker counts
+            assert other.pop("gradient_share", None) == pytest.approx(module.pop("gradient_share", None), rel=1e-6)
+            assert module == other
 
 
 @pytest.mark.parametrize("residency", ["stream", "resident"])
@@ -106,17 +111,19 @@ def test_a_corrupted_layer_is_done_again(four_layers, text_file, tmp_path, monke
     assert json.loads((out / "prune_report.json").read_text())["resumed_layers"] == 1
 
 
-def test_resume_with_other_settings_is_refused(four_layers, text_file, tmp_path, monkeypatch, capsys):
+def test_resume_with_nothing_to_resume_starts_afresh(four_layers, text_file, tmp_path, monkeypatch):
+    """So the same command may be repeated, as torchrun --max-restarts does."""
     import dist_prune.job
 
     out = tmp_path / "out"
+    prune_layer = dist_prune.job._prune_layer
     monkeypatch.setattr(dist_prune.job, "_prune_layer", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
         main(args(four_layers, out, text_file, "wanda"))
     assert not (tmp_path / ".out.partial").exists()  # nothing finished: nothing kept
-    capsys.readouterr()
-    assert main(args(four_layers, out, text_file, "wanda", "--resume")) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+    monkeypatch.setattr(dist_prune.job, "_prune_layer", prune_layer)
+    assert main(args(four_layers, out, text_file, "wanda", "--resume")) == 0
+    assert json.loads((out / "prune_report.json").read_text())["resumed_layers"] == 0
 
 
 def test_a_partial_run_is_neither_overwritten_nor_resumed_with_other_settings(slower, text_file, tmp_path, capsys):

@@ -31,19 +31,24 @@ log = get_logger()
 
 
 class Scratch:
-    """A private directory for one worker's intermediate files; removed on exit, success or failure."""
+    """A private directory for one worker's intermediate files; removed on exit, success or failure. Its name
+    is stable for a run (output and worker), so files a killed run could not remove are cleared by the next."""
 
     def __init__(self, root: Path, tag: str):
         self.dir = root / f".dist_prune-scratch-{tag}"
 
     def __enter__(self) -> "Scratch":
-        self.dir.mkdir(parents=True, exist_ok=False)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._clear()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._clear()
+        self.dir.rmdir()
+
+    def _clear(self) -> None:
         for file in self.dir.glob("*"):
             file.unlink()
-        self.dir.rmdir()
 
     def save(self, name: str, tensors: dict[str, Tensor]) -> None:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, self.dir / f"{name}.safetensors")
@@ -214,7 +219,9 @@ def _layer_sums(
             weight = layer.get_submodule(name).weight
             weight_name = linear_weight_name(index, name)
             power = sums.power[weight_name] = torch.zeros_like(weight, dtype=torch.float64)
-            plain = sums.plain[weight_name] = torch.zeros_like(power) if request.plain else None
+            plain = None
+            if request.plain:
+                plain = sums.plain[weight_name] = torch.zeros_like(power)
             weight.requires_grad_(True)
             handles.append(weight.register_post_accumulate_grad_hook(_accumulate_into(power, plain, request)))
         for owner in request.input_owners:

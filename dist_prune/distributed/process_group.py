@@ -48,10 +48,12 @@ def init_workers(
     master_port: int | None = None,
     device: torch.device | str = "cpu",
     timeout: timedelta = DEFAULT_TIMEOUT,
+    heartbeat_s: float | None = None,
 ) -> Workers:
     """Join (or, for one worker, create) the default process group and build the device mesh.
 
-    A single worker gets an in-memory store: no port, no network, but the same FSDP code path as many.
+    A single worker gets an in-memory store: no port, no network, but the same code path as many. With
+    `heartbeat_s`, a silent worker is noticed within that many seconds (heartbeat.py).
     """
     device = _resolve_device(torch.device(device), rank)
     if world_size == 1:
@@ -61,20 +63,39 @@ def init_workers(
             raise ValueError("more than one worker needs a master port")
         store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
+    if world_size > 1 and heartbeat_s:
+        _start_heartbeat(master_addr, master_port, rank, world_size, heartbeat_s)
     return _workers(device)
 
 
-def init_from_env(device: torch.device | str = "auto", timeout: timedelta = DEFAULT_TIMEOUT) -> Workers:
-    """Under torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment."""
+def init_from_env(
+    device: torch.device | str = "auto", timeout: timedelta = DEFAULT_TIMEOUT, heartbeat_s: float | None = None
+) -> Workers:
+    """Under torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment.
+    The heartbeat uses the store at MASTER_ADDR:MASTER_PORT (torchrun's agent hosts it)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(device) if device != "auto" else _default_device()
     device = _resolve_device(device, local_rank)
     dist.init_process_group(backend_for(device), init_method="env://", timeout=timeout)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size > 1 and heartbeat_s:
+        _start_heartbeat(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world_size, heartbeat_s)
     return _workers(device)
 
 
+_heartbeats: list = []
+
+
+def _start_heartbeat(address: str, port: int, rank: int, world_size: int, limit_s: float) -> None:
+    from .heartbeat import Heartbeat
+
+    _heartbeats.append(Heartbeat(address, port, rank, world_size, limit_s).start())
+
+
 def teardown() -> None:
-    """Leave the process group; safe to call when none was started."""
+    """Stop the heartbeat and leave the process group; safe to call when none was started."""
+    while _heartbeats:
+        _heartbeats.pop().stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 
