@@ -33,10 +33,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from common import machine_line, matmul_gflops, run_child, write_section
+
+from dist_prune.adapter import expected_shapes
+from dist_prune.memory import ModelShape
 
 GiB, MiB = 2**30, 2**20
 CORES = os.cpu_count() or 1
@@ -70,28 +72,8 @@ MATMUL_SHARE_TARGET = 0.5
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    mlp: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    @classmethod
-    def of(cls, config: dict) -> "Shape":
-        heads = config["num_attention_heads"]
-        return cls(
-            layers=config["num_hidden_layers"],
-            hidden=config["hidden_size"],
-            mlp=config["intermediate_size"],
-            heads=heads,
-            kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            vocab=config["vocab_size"],
-        )
+class Shape(ModelShape):
+    """The model's sizes (dist_prune's own ModelShape), with what the FLOP counts need on top."""
 
     @property
     def attention_width(self) -> int:
@@ -100,25 +82,22 @@ class Shape:
     @property
     def matrices(self) -> list[tuple[int, int]]:
         """(out, in) of q, k, v, o, gate, up, down."""
-        q, kv, h = self.attention_width, self.kv_heads * self.head_dim, self.hidden
+        kv = self.kv_heads * self.head_dim
+        q, h = self.attention_width, self.hidden
         return [(q, h), (kv, h), (kv, h), (h, q), (self.mlp, h), (self.mlp, h), (h, self.mlp)]
 
     @property
     def linear_params(self) -> int:
-        return sum(out * inp for out, inp in self.matrices)
+        return self.layer_linear_params
 
     @property
     def qkv_params(self) -> int:
         return sum(out * inp for out, inp in self.matrices[:3])
 
     @property
-    def input_widths(self) -> tuple[int, ...]:
+    def hessian_widths(self) -> tuple[int, ...]:
         """One per group of Linears sharing an input (and a Hessian): q/k/v, o, gate/up, down."""
         return (self.hidden, self.attention_width, self.hidden, self.mlp)
-
-    @property
-    def total_params(self) -> int:
-        return self.layers * (self.linear_params + 2 * self.hidden) + 2 * self.vocab * self.hidden + self.hidden
 
 
 def layer_forward_flops(shape: Shape, sequences: int, seqlen: int) -> float:
@@ -142,7 +121,7 @@ def gradient_pass_flops(shape: Shape, sequences: int, seqlen: int) -> float:
 
 def hessian_flops(shape: Shape, tokens: int) -> float:
     """SparseGPT's X^T X per input group: 2 * tokens * in^2."""
-    return sum(2 * tokens * width**2 for width in shape.input_widths)
+    return sum(2 * tokens * width**2 for width in shape.hessian_widths)
 
 
 def obs_flops(shape: Shape) -> float:
@@ -220,7 +199,7 @@ def _write_random_checkpoint(path: str, shape_name: str) -> int:
     out = Path(path)
     out.mkdir(parents=True)
     config = LlamaConfig(**SHAPES[shape_name], tie_word_embeddings=False, rms_norm_eps=1e-5, dtype="bfloat16")
-    shards = _pack(_tensor_specs(Shape.of(config.to_dict())), SHARD_BYTES[shape_name])
+    shards = _pack(_tensor_specs(config.to_dict()), SHARD_BYTES[shape_name])
     weight_map, total = {}, 0
     for number, specs in enumerate(shards, 1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -234,16 +213,9 @@ def _write_random_checkpoint(path: str, shape_name: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _tensor_specs(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of a LLaMA checkpoint, in Hugging Face's names and order."""
-    specs = [("model.embed_tokens.weight", (shape.vocab, shape.hidden))]
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-    norms = ("input_layernorm", "post_attention_layernorm")
-    for i in range(shape.layers):
-        specs += [(f"model.layers.{i}.{name}.weight", m) for name, m in zip(names, shape.matrices, strict=True)]
-        specs += [(f"model.layers.{i}.{norm}.weight", (shape.hidden,)) for norm in norms]
-    return specs + [("model.norm.weight", (shape.hidden,)), ("lm_head.weight", (shape.vocab, shape.hidden))]
+def _tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a LLaMA checkpoint with its shape, as dist_prune's adapter expects them."""
+    return list(expected_shapes(config).items())
 
 
 def _pack(specs: list, limit: int) -> list[list]:
@@ -392,7 +364,7 @@ def big_part(args: argparse.Namespace, command: str) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, scratch = work / f"random-{args.shape}", work / "scratch"
     config = dict(SHAPES[args.shape], tie_word_embeddings=False)
-    shape = Shape.of(config)
+    shape = Shape.from_config(config)
     _check_disk(work, model, shape)
     built = build_random_checkpoint(model, args.shape)
     built["shards"] = len(list(model.glob("*.safetensors")))
@@ -528,7 +500,7 @@ def smollm2_part(args: argparse.Namespace, command: str) -> None:
     work = Path(args.workdir) / "smollm2"
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the torchrun ranks rendezvous on loopback
-    shape = Shape.of(json.loads((smollm2_dir() / "config.json").read_text()))
+    shape = Shape.from_config(json.loads((smollm2_dir() / "config.json").read_text()))
     rates = [gemm_rate(args.batch_size * args.seqlen, shape.hidden, shape.mlp)]
     base = dict(model="smollm2-135m", sparsity=0.5, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                 batch_size=args.batch_size, eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen)  # fmt: skip

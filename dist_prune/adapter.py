@@ -31,8 +31,11 @@ LINEARS = tuple(LINEAR_INPUT_OWNER)
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
+LAYERS_PREFIX = "model.layers."
+
+
 def layer_prefix(index: int) -> str:
-    return f"model.layers.{index}."
+    return f"{LAYERS_PREFIX}{index}."
 
 
 def linear_weight_name(index: int, linear: str) -> str:

@@ -97,8 +97,9 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         if done:
             log.info("resuming: layers 0-%d of the interrupted run verify and are reused", done - 1)
         gradients = _gradient_rows(run, windows, done) if run.method.gradients else None
-        calibration = _embedded(run, windows, config.calibration.batch_size) if run.method.statistics else None
-        evaluation = Evaluation(run, eval_windows) if eval_windows is not None else None
+        with progress.phase("stem"):  # layer 0's inputs, from the embedding
+            calibration = _embedded(run, windows, config.calibration.batch_size) if run.method.statistics else None
+            evaluation = Evaluation(run, eval_windows) if eval_windows is not None else None
         with progress.phase("layers", total=run.info.num_layers) as advance:
             layers = prune_layers(run, calibration, evaluation, gradients, writer, done, stop, advance)
         perplexities = evaluation.perplexities() if evaluation is not None else {}
@@ -145,15 +146,14 @@ def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int
     layers = []
     for index in range(run.info.num_layers):
         start = time.perf_counter()
-        dense = _finite(run.store.layer(index), "the checkpoint's weight")
-        layer = run.layer(index, dense)  # the dense state goes once pruned: one layer in memory
+        layer = run.layer(index, _finite(run.store.layer(index), "the checkpoint's weight"))  # one layer in memory
         if evaluation is not None:
             evaluation.dense = run_layer(layer, evaluation.dense)
         if index < done:
-            state, notes = broadcast_from_first(writer.read_layer(index) if writer else None, like=dense), None
+            like = _saved_state(run, layer, index, {})  # the names, shapes and dtypes worker 0 sends
+            state, notes = broadcast_from_first(writer.read_layer(index) if writer else None, like=like), None
         else:
             state, notes = _prune_layer(run, layer, index, calibration, gradients(index) if gradients else {})
-        del dense
         with torch.no_grad():
             for name in LINEARS:
                 layer.get_submodule(name).weight.copy_(state[linear_weight_name(index, name)])
@@ -166,6 +166,7 @@ def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int
             layers.append(_layer_entry(index, state, notes, time.perf_counter() - start))
             if writer is not None:
                 writer.write_layer(index, state, layers[-1])
+        del layer, state  # before the next layer is read: one layer in memory, not two
         advance()
         if index + 1 < run.info.num_layers and stop.agreed(run.workers.device):
             raise Interrupted(f"stopped after layer {index} of {run.info.num_layers - 1} on a signal")

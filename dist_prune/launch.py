@@ -180,9 +180,9 @@ def _wait_for_workers(futures: list, events, progress: Progress):
     return ray.get(futures[0])
 
 
-# After a worker dies, the others fail in their next collective within seconds: wait that long for every
-# worker's outcome, so the dead one is named rather than a survivor's connection error.
-SETTLE_S = 30
+# After a worker dies, the others fail in their next collective within a second or two: wait a little for
+# every outcome, so the dead one is named rather than a survivor's connection error.
+SETTLE_S = 5
 
 
 def _failed(future) -> bool:

@@ -23,10 +23,6 @@ class LayerInputs:
     kwargs: list[dict[str, Any]]  # attention mask, position ids, rotary position_embeddings, ...
     forward_seconds: float = field(default=0.0)
 
-    @property
-    def num_sequences(self) -> int:
-        return sum(h.shape[0] for h in self.hidden)
-
 
 @torch.no_grad()
 def embed_batches(stem: Stem, batches: list[Tensor]) -> LayerInputs:

@@ -111,10 +111,19 @@ def is_dist_prune_output(path: Path) -> bool:
         return False
 
 
-class Interrupted(DistPruneError):
-    """SIGINT or SIGTERM: the run stopped at a layer boundary and its partial output is kept for --resume."""
+class KeptForResume(DistPruneError):
+    """A run that ended with its finished layers kept for --resume (other bad input removes them: its result
+    would be wrong)."""
+
+
+class Interrupted(KeptForResume):
+    """SIGINT or SIGTERM: the run stopped at a layer boundary."""
 
     exit_code = 130
+
+
+class OutputTaken(KeptForResume):
+    """Something else appeared at --out while the run worked; the complete result waits in the partial output."""
 
 
 class CheckpointWriter:
@@ -122,8 +131,9 @@ class CheckpointWriter:
 
     The partial directory has a name stable across runs and a manifest (MANIFEST) recording the run's settings
     and, per finished layer, its file's size and SHA-256, so an interrupted run can be resumed: `resume=True`
-    reuses every layer that still verifies. A failure before any layer is finished removes the partial
-    directory (bad input leaves nothing); after that it is kept, and the error says how to resume.
+    reuses every layer that still verifies. Bad input (a DistPruneError: say NaN weights found in layer 30)
+    removes the partial directory, as does any failure before a layer is finished; any other failure, a
+    signal, or an output that appeared meanwhile keeps it, and the error says how to resume.
     """
 
     def __init__(
@@ -164,7 +174,10 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not (self.resumable and self.manifest["layers"]):
+        if exc_type is None:
+            return
+        bad_input = issubclass(exc_type, DistPruneError) and not issubclass(exc_type, KeptForResume)
+        if bad_input or not (self.resumable and self.manifest["layers"]):
             shutil.rmtree(self.partial, ignore_errors=True)
 
     def verified_layers(self) -> list[dict]:
@@ -249,8 +262,9 @@ class CheckpointWriter:
         # Something appeared at `out` while this run worked (another job, another user): it is not ours to
         # remove unless --overwrite was given and it is a dist_prune output.
         if not self.overwrite or not is_dist_prune_output(self.out):
-            raise DistPruneError(
-                f"{self.out} appeared while this run was working and is left as it is; the result was not written"
+            raise OutputTaken(
+                f"{self.out} appeared while this run was working and is left as it is; the result waits in "
+                f"{self.partial}: move {self.out} away, then --resume publishes it"
             )
         # Replacing: move the old one aside first so that a complete checkpoint is always at `out`
         # except for the instant between two renames.

@@ -127,3 +127,15 @@ def test_select_mask_dispatch():
     scores = random_scores(4, 16, seed=11, ties=True)
     assert torch.equal(select_mask(scores, 0.5, (2, 4)), slow_n_m(scores, 2, 4))
     assert torch.equal(select_mask(scores, 0.3, None), slow_per_row(scores, 0.3))
+
+
+@pytest.mark.parametrize("select", ["row", "2:4"])
+def test_sorting_rows_in_blocks_changes_nothing(select, monkeypatch):
+    """Rows are independent: sorting them a few at a time (to bound memory) gives the same mask, ties included."""
+    from dist_prune.methods import masks
+
+    scores = torch.randint(0, 5, (37, 24), generator=torch.Generator().manual_seed(4)).float()
+    choose = (lambda s: masks.prune_lowest_per_row(s, 0.5)) if select == "row" else (lambda s: masks.prune_n_m(s, 2, 4))
+    whole = choose(scores)
+    monkeypatch.setattr(masks, "SORT_BLOCK_ELEMENTS", 50)  # two rows per block, the last block short
+    assert torch.equal(choose(scores), whole)

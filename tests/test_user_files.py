@@ -88,8 +88,9 @@ def test_index_naming_files_outside_the_checkpoint_is_refused(name, model, text_
 
 
 def test_a_directory_that_appears_during_the_run_is_left_alone(model, text_file, tmp_path, capsys, monkeypatch):
-    """Another job creates --out while this one works: this run fails at publish and removes only its own
-    hidden partial directory; the newcomer keeps every byte."""
+    """Another job creates --out while this one works: this run fails at publish and the newcomer keeps every
+    byte; the finished result waits in the hidden partial directory, and --resume publishes it once --out is
+    free again."""
     import dist_prune.job
 
     out = tmp_path / "out"
@@ -105,4 +106,9 @@ def test_a_directory_that_appears_during_the_run_is_left_alone(model, text_file,
     assert main(prune_args(model, out, text_file)) == 2
     assert "appeared while this run was working" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".out.partial"]
+    monkeypatch.setattr(dist_prune.job, "prune_layers", prune_layers)
+    out.rename(tmp_path / "theirs")
+    assert main(prune_args(model, out, text_file, "--resume")) == 0
+    assert json.loads((out / "prune_report.json").read_text())["resumed_layers"] == 2  # the tiny model's two
+    assert (tmp_path / "theirs" / "theirs.txt").read_text() == "another job's result"

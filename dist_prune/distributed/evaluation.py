@@ -7,6 +7,7 @@ is used up runs a dummy batch whose result it discards.
 import math
 
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..metrics import next_token_nll
 from .collectives import sum_across_workers
@@ -30,4 +31,7 @@ def sharded_perplexity(model: nn.Module, windows: Tensor, workers: Workers, batc
         if progress is not None:
             progress(1)
     total_nll, total_tokens = sum_across_workers([total_nll, float(total_tokens)], workers.device)
+    for module in model.modules():  # FSDP leaves the root unsharded after a forward that has no backward
+        if isinstance(module, FSDPModule):
+            module.reshard()
     return math.exp(total_nll / total_tokens)

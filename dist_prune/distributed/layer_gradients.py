@@ -159,6 +159,7 @@ def layerwise_gradient_pass(
                 }
             )
             on_layer(index, sums)
+        del layer, sums  # before the next layer is read: one layer in memory, not two
         _advance(progress)
     total_loss = torch.tensor([loss, float(tokens.shape[0])], dtype=torch.float64, device=workers.device)
     all_reduce_in_order({"loss": total_loss})

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..adapter import decoder_layers
+from ..adapter import LAYERS_PREFIX, decoder_layers, layer_prefix
 from ..checkpoint import INDEX_FILE, SINGLE_FILE
 from ..errors import CheckpointError
 from ..log import get_logger
@@ -152,12 +152,12 @@ def gather_state(module: nn.Module) -> dict[str, Tensor]:
 def gather_layer_state(model: nn.Module, index: int) -> dict[str, Tensor]:
     """Full tensors of decoder layer `index`, named as in the checkpoint (`model.layers.3.mlp.up_proj.weight`)."""
     state = gather_state(decoder_layers(model)[index])
-    return {f"model.layers.{index}.{name}": t for name, t in state.items()}
+    return {layer_prefix(index) + name: t for name, t in state.items()}
 
 
 def gather_non_layer_state(model: nn.Module) -> dict[str, Tensor]:
     """Embeddings, final norm and lm_head (left out when tied, as transformers re-ties it on load)."""
-    state = {name: t for name, t in model.state_dict().items() if not name.startswith("model.layers.")}
+    state = {name: t for name, t in model.state_dict().items() if not name.startswith(LAYERS_PREFIX)}
     if model.config.tie_word_embeddings:
         state.pop(TIED_HEAD, None)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..adapter import LINEAR_INPUT_OWNER, decoder_layers
+from ..adapter import LINEAR_INPUT_OWNER, decoder_layers, linear_weight_name
 from ..distributed import Workers, all_reduce_in_order, local_rows
 from ..distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, layerwise_gradient_pass
 from .groups import ATTENTION, MLP, MODULES, LayerShape
@@ -157,8 +157,8 @@ def _partial_measures(
 ) -> dict[str, Tensor]:
     modules = MODULES[kind]
     shards = {m: local_rows(layer.get_submodule(m).weight) for m in modules}
-    names = {m: f"model.layers.{index}.{m}.weight" for m in modules}
-    owners = {m: f"model.layers.{index}.{LINEAR_INPUT_OWNER[m]}.weight" for m in modules}
+    names = {m: linear_weight_name(index, m) for m in modules}
+    owners = {m: linear_weight_name(index, LINEAR_INPUT_OWNER[m]) for m in modules}
     return group_measures(
         weights={m: shards[m].tensor for m in modules},
         grad={m: sums.plain[names[m]] for m in modules},

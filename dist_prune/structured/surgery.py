@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..adapter import decoder_layers
+from ..adapter import LAYERS_PREFIX, decoder_layers
 from ..distributed import Workers, copy_local_rows, gather_state, local_rows, shard_model
 from .groups import ATTENTION, COLUMN_MODULES, MLP, MODULES, LayerKeep, LayerShape, kept_lines, slice_weight
 from .modeling_pruned_llama import SIZE_KEYS, PrunedLlamaForCausalLM
@@ -89,7 +89,7 @@ def rebuild_smaller(
             copy_local_rows(param, state[name].to(dtype))
     old = dict(model.named_parameters())
     for name, param in smaller.named_parameters():
-        if not name.startswith("model.layers."):
+        if not name.startswith(LAYERS_PREFIX):
             local_rows(param).tensor.copy_(local_rows(old[name]).tensor)
     return smaller
 
