@@ -42,14 +42,23 @@ class CheckpointInfo:
         return {"q/k/v/gate/up": hidden, "o_proj": heads * head_dim, "down_proj": mlp}
 
 
-def inspect_checkpoint(path: Path) -> CheckpointInfo:
-    """Config and weight files, verified complete; raises CheckpointError with the one thing wrong."""
+def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> CheckpointInfo:
+    """Config and weight files, verified complete; raises CheckpointError with the one thing wrong.
+
+    A checkpoint that ships its own model code (`auto_map`, such as a structured output with per-layer sizes)
+    is accepted only with `trust_remote_code`, and then its shapes are the model code's business."""
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     config = read_model_config(path / "config.json")
+    if "auto_map" in config and not trust_remote_code:
+        raise CheckpointError(
+            f"{path} ships its own model code ({', '.join(config['auto_map'].values())}); loading it runs that "
+            f"code: pass --trust-remote-code to evaluate it (dist_prune prunes stock LLaMA checkpoints only)"
+        )
     files = listed_weight_files(path)
     headers = {file: check_safetensors_file(file) for file in files}
-    check_tensors(path, config, headers)
+    if "auto_map" not in config:
+        check_tensors(path, config, headers)
     return CheckpointInfo(path=path, config=config, weight_files=files)
 
 
@@ -192,13 +201,13 @@ def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None
             )
 
 
-def load_model(info: CheckpointInfo, device: torch.device) -> nn.Module:
+def load_model(info: CheckpointInfo, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
     """The whole model in fp32 on one device (the in-process worker)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own log lines say what is loading; no bars in pipeline logs
-    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 

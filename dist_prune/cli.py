@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", default="wikipedia", help="wikipedia (evaluation split) or a text file")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load a checkpoint that ships its own model code (structured output with per-layer sizes); runs it",
+    )
     evaluate.set_defaults(handler=_eval)
 
     inspect = commands.add_parser(
@@ -181,7 +186,9 @@ def _plan(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_model
 
-    result = evaluate_model(args.model, args.text, args.seqlen, args.windows, args.device, args.progress)
+    result = evaluate_model(
+        args.model, args.text, args.seqlen, args.windows, args.device, args.progress, args.trust_remote_code
+    )
     if args.json:
         print(json.dumps(result))
     else:

@@ -71,12 +71,18 @@ def _check_gradients_file(config: PruneConfig, info: CheckpointInfo) -> None:
 
 
 def evaluate_model(
-    model: str, text: str, seqlen: int, windows: int | None, device: str = "auto", progress: Progress | None = None
+    model: str,
+    text: str,
+    seqlen: int,
+    windows: int | None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """`dist-prune eval`: perplexity of any checkpoint on the evaluation split or a text file (one process)."""
     from .launch import pick_device
 
-    info = inspect_checkpoint(resolve_model(model))
+    info = inspect_checkpoint(resolve_model(model), trust_remote_code)
     if seqlen < 2 or (windows is not None and windows < 1):
         raise ConfigError(f"eval needs --seqlen of at least 2 and --windows of at least 1, got {seqlen} and {windows}")
     tokenizer = load_tokenizer(info.path)
@@ -84,7 +90,7 @@ def evaluate_model(
     start = time.perf_counter()
     progress = progress or Progress("quiet")
     with progress.phase("eval", total=batches.shape[0]) as advance:
-        value = perplexity(load_model(info, pick_device(device)), batches, progress=advance)
+        value = perplexity(load_model(info, pick_device(device), trust_remote_code), batches, progress=advance)
     return {
         "model": str(info.path),
         "perplexity": value,

@@ -458,6 +458,10 @@ def test_saved_checkpoint_equals_the_in_memory_pruned_model(small_model, text_fi
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     windows = evaluation_windows(tokenize(load_tokenizer(out), load_text(str(text_file), "evaluation")), 64, 2)
     assert perplexity(loaded, windows) == pytest.approx(report["perplexity"]["pruned"], rel=1e-6)
+    # `dist-prune eval` runs the bundled code only when told to
+    evaluate = ["eval", "--model", str(out), "--text", str(text_file), "--seqlen", "64", "--windows", "2", "--json"]
+    assert main(evaluate) == 2
+    assert main([*evaluate, "--trust-remote-code"]) == 0
 
 
 def test_protecting_every_layer_is_refused(small_model, text_file, tmp_path):
