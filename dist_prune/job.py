@@ -13,6 +13,7 @@ GBLM's gradient sums come first, from the layer-wise gradient pass (distributed/
 saved file, and each worker keeps only its rows of them, in the scratch directory.
 """
 
+import json
 import math
 import resource
 import time
@@ -39,7 +40,7 @@ from .checkpoint import inspect_checkpoint, load_tokenizer
 from .config import PruneConfig
 from .data import calibration_windows, evaluation_windows, load_text, tokenize
 from .distributed import ShardSelector, StopRequest, Workers, all_reduce_layer_statistics, batch_share, local_share
-from .distributed.collectives import broadcast_from_first, gather_rows, sum_across_workers
+from .distributed.collectives import any_worker, broadcast_from_first, gather_rows, sum_across_workers
 from .distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, Scratch, layerwise_gradient_pass
 from .distributed.residency import ResidentStore, StreamStore
 from .errors import CheckpointError
@@ -166,6 +167,7 @@ def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int
             layers.append(_layer_entry(index, state, notes, time.perf_counter() - start))
             if writer is not None:
                 writer.write_layer(index, state, layers[-1])
+        _release_gradient_rows(run, index)
         del layer, state  # before the next layer is read: one layer in memory, not two
         advance()
         if index + 1 < run.info.num_layers and stop.agreed(run.workers.device):
@@ -268,8 +270,8 @@ class Evaluation:
 
 def _gradient_rows(run: Run, windows: Tensor, done: int):
     """GBLM: a function giving this worker's rows of layer i's gradient sums, from a saved file or from a
-    layer-wise gradient pass whose per-layer results wait in the scratch directory (deleted once read). The
-    pass covers the layers from `done` on (a resumed run has the layers below)."""
+    layer-wise gradient pass whose per-layer results wait in the scratch directory (`_release`d once the layer
+    is written). The pass covers the layers from `done` on (a resumed run has the layers below)."""
     p, w = run.config.prune, run.workers
     if p.gradients:
         return lambda index: read_layer_gradient_rows(Path(p.gradients), index, w.rank, w.world_size)
@@ -282,15 +284,27 @@ def _gradient_rows(run: Run, windows: Tensor, done: int):
             rows[name] = total[mine.start : mine.stop].to(dtype)  # the fp64 sums rounded once
         run.scratch.save(f"gradients-{index}", rows)
 
-    if done < run.info.num_layers:
-        _gradient_pass(run, windows, keep_my_rows, frozenset(range(done, run.info.num_layers)))
+    needed = range(done, run.info.num_layers)
+    # A resumed run reuses the rows a killed run left, when every worker has all it needs (the pass is a
+    # collective: all run it or none) and they were made with the same settings; the scratch name carries the
+    # output, the rank and the world size.
+    made_for = run.scratch.dir / "gradients-settings.json"
+    settings = json.dumps(result_settings(run.config), sort_keys=True)
+    reusable = made_for.is_file() and made_for.read_text() == settings
+    missing = not (reusable and all(run.scratch.has(f"gradients-{index}") for index in needed))
+    if needed and any_worker(missing, w.device):
+        _gradient_pass(run, windows, keep_my_rows, frozenset(needed))
+        made_for.write_text(settings)
+    elif needed:
+        log.info("resuming: the gradient rows of layers %d-%d are reused", needed.start, needed.stop - 1)
 
-    def read(index: int) -> dict[str, Tensor]:
-        rows = run.scratch.load(f"gradients-{index}")
+    return lambda index: run.scratch.load(f"gradients-{index}")
+
+
+def _release_gradient_rows(run: Run, index: int) -> None:
+    """Layer `index` is written: its gradient rows are not needed again, even by a resumed run."""
+    if run.scratch is not None and run.scratch.has(f"gradients-{index}"):
         run.scratch.remove(f"gradients-{index}")
-        return rows
-
-    return read
 
 
 def _gradient_pass(run: Run, windows: Tensor, on_layer, layers: frozenset[int] | None = None) -> None:
@@ -329,7 +343,8 @@ def _needs_scratch(config: PruneConfig) -> bool:
 
 def _scratch(config: PruneConfig, workers: Workers) -> Scratch:
     root = Path(config.runtime.scratch) if config.runtime.scratch else Path(config.out).absolute().parent
-    return Scratch(root, f"{Path(config.out).name}-rank{workers.rank}")
+    tag = f"{Path(config.out).name}-rank{workers.rank}-of-{workers.world_size}"
+    return Scratch(root, tag, resume=config.runtime.resume, kept=("gradients-",))
 
 
 def worker_memory(weight_bytes: int, w: Workers, progress: Progress) -> list[dict]:

@@ -25,29 +25,59 @@ def leftovers(*folders: Path) -> list[str]:
     return [p.name for folder in folders for p in folder.iterdir() if p.name.startswith(".")]
 
 
-def test_scratch_is_removed_when_a_run_fails(tiny_llama, text_file, tmp_path, monkeypatch):
-    """A failure in the layer loop, after the gradient pass wrote its per-layer files: exit 1, no output, no
-    scratch directory, no hidden partial output."""
+def failing_prune_weight(monkeypatch, error: Exception) -> list:
+    """prune_weight that raises `error` at the second matrix: after the gradient pass wrote its files."""
     import dist_prune.job
 
-    calls = []
+    calls, prune_weight = [], dist_prune.job.prune_weight
 
     def fail_on_second_matrix(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
-            raise RuntimeError("injected failure")
+            raise error
         return prune_weight(*args, **kwargs)
 
-    prune_weight = dist_prune.job.prune_weight
     monkeypatch.setattr(dist_prune.job, "prune_weight", fail_on_second_matrix)
+    return calls
+
+
+def gblm_args(model: Path, out: Path, text: Path, scratch: Path) -> list[str]:
+    return prune_args(model, out, text, "--method", "gblm", "--residency", "stream", "--scratch", str(scratch),
+                      "--activation-storage", "disk")  # fmt: skip
+
+
+def test_scratch_is_removed_when_the_input_is_bad(tiny_llama, text_file, tmp_path, monkeypatch):
+    """Bad input found in the layer loop, after the gradient pass wrote its per-layer files: exit 2, no output,
+    no scratch directory, no hidden partial output."""
+    from dist_prune.errors import CheckpointError
+
+    calls = failing_prune_weight(monkeypatch, CheckpointError("a bad weight"))
     scratch, out = tmp_path / "scratch", tmp_path / "out"
     scratch.mkdir()
-    argv = prune_args(tiny_llama, out, text_file, "--method", "gblm", "--residency", "stream",
-                      "--scratch", str(scratch), "--activation-storage", "disk")  # fmt: skip
-    with pytest.raises(RuntimeError, match="injected failure"):
-        main(argv)
+    assert main(gblm_args(tiny_llama, out, text_file, scratch)) == 2
     assert calls and not out.exists()
     assert leftovers(scratch, tmp_path) == []
+
+
+def test_a_crash_keeps_the_gradient_rows_for_resume(tiny_llama, text_file, tmp_path, monkeypatch):
+    """A crash (not bad input) keeps the gradient pass's rows: --resume reuses them instead of running the
+    pass again, gives the uninterrupted result, and removes the scratch directory."""
+    scratch, out, whole = tmp_path / "scratch", tmp_path / "out", tmp_path / "whole"
+    scratch.mkdir()
+    assert main(gblm_args(tiny_llama, whole, text_file, scratch)) == 0
+    failing_prune_weight(monkeypatch, RuntimeError("the machine went away"))
+    with pytest.raises(RuntimeError, match="went away"):
+        main(gblm_args(tiny_llama, out, text_file, scratch))
+    kept = [p.name for p in next(scratch.iterdir()).iterdir()]
+    assert "gradients-0.safetensors" in kept and "gradients-settings.json" in kept
+    monkeypatch.undo()
+    import dist_prune.job
+
+    passes = []
+    monkeypatch.setattr(dist_prune.job, "_gradient_pass", lambda *a, **k: passes.append(1))
+    assert main([*gblm_args(tiny_llama, out, text_file, scratch), "--resume"]) == 0
+    assert passes == [] and leftovers(scratch, tmp_path) == []
+    assert same_masks(whole, out)
 
 
 def test_scratch_is_removed_after_success_and_the_report_says_where_weights_lived(tiny_llama, text_file, tmp_path):

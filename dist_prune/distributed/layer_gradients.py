@@ -13,6 +13,7 @@ rounded once, so the result does not depend on how the sequences were split. Eac
 rows of each finished layer in the scratch directory, for the layer loop to read.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,27 +32,47 @@ log = get_logger()
 
 
 class Scratch:
-    """A private directory for one worker's intermediate files; removed on exit, success or failure. Its name
-    is stable for a run (output and worker), so files a killed run could not remove are cleared by the next."""
+    """A private directory for one worker's intermediate files, with a name stable for a run (output and
+    worker). Removed when the run succeeds or fails on bad input; kept when it crashes or is stopped, so a
+    --resume can reuse the files listed as `kept` (say GBLM's gradient rows); anything else in it is stale and
+    cleared when the next run starts."""
 
-    def __init__(self, root: Path, tag: str):
+    def __init__(self, root: Path, tag: str, resume: bool = False, kept: tuple[str, ...] = ()):
         self.dir = root / f".dist_prune-scratch-{tag}"
+        self.kept = kept if resume else ()
 
     def __enter__(self) -> "Scratch":
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._clear()
+        for file in self.dir.glob("*"):
+            if not file.name.startswith(self.kept):
+                file.unlink()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._clear()
-        self.dir.rmdir()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from ..errors import DistPruneError
+        from ..writer import KeptForResume
+
+        bad_input = exc_type is not None and issubclass(exc_type, DistPruneError)
+        if exc_type is None or (bad_input and not issubclass(exc_type, KeptForResume)):
+            self._clear()
+            self.dir.rmdir()
+
+    def _clear(self) -> None:
+        for file in self.dir.glob("*"):
+            file.unlink()
 
     def _clear(self) -> None:
         for file in self.dir.glob("*"):
             file.unlink()
 
     def save(self, name: str, tensors: dict[str, Tensor]) -> None:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, self.dir / f"{name}.safetensors")
+        """Written whole or not at all (a kill mid-write leaves no half file to be reused)."""
+        staged = self.dir / f"{name}.partial"
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, staged)
+        os.replace(staged, self.dir / f"{name}.safetensors")
+
+    def has(self, name: str) -> bool:
+        return (self.dir / f"{name}.safetensors").is_file()
 
     def load(self, name: str) -> dict[str, Tensor]:
         with safe_open(self.dir / f"{name}.safetensors", framework="pt") as f:
