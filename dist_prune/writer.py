@@ -158,8 +158,13 @@ class CheckpointWriter:
             )
 
     def _reopen(self, settings: dict) -> None:
-        """Resuming with nothing to resume starts afresh: the same command may be repeated."""
+        """Resuming with nothing to resume starts afresh: the same command may be repeated. Before its manifest a
+        run writes at most its first layer's file (killed before the manifest), so anything else there without
+        a manifest is someone else's, and is not touched."""
         if not (self.partial / MANIFEST).is_file():
+            ours = ("model-layer-", f"{MANIFEST}.tmp")
+            if self.partial.exists() and any(not f.name.startswith(ours) for f in self.partial.iterdir()):
+                raise DistPruneError(f"{self.partial} holds files dist_prune did not write; move them away first")
             return
         found = json.loads((self.partial / MANIFEST).read_text())
         changed = sorted(
