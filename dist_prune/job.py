@@ -99,8 +99,12 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
             log.info("resuming: layers 0-%d of the interrupted run verify and are reused", done - 1)
         gradients = _gradient_rows(run, windows, done) if run.method.gradients else None
         with progress.phase("stem"):  # layer 0's inputs, from the embedding
-            calibration = _embedded(run, windows, config.calibration.batch_size) if run.method.statistics else None
-            evaluation = Evaluation(run, eval_windows) if eval_windows is not None else None
+            stem = run.stem() if run.method.statistics or eval_windows is not None else None  # read once for both
+            calibration = (
+                _embedded(run, stem, windows, config.calibration.batch_size) if run.method.statistics else None
+            )
+            evaluation = Evaluation(run, stem, eval_windows) if eval_windows is not None else None
+            del stem
         with progress.phase("layers", total=run.info.num_layers) as advance:
             layers = prune_layers(run, calibration, evaluation, gradients, writer, done, stop, advance)
         perplexities = evaluation.perplexities() if evaluation is not None else {}
@@ -235,11 +239,11 @@ def _propagate(run: Run, layer, inputs: LayerInputs) -> LayerInputs:
     return outputs
 
 
-def _embedded(run: Run, windows: Tensor, batch_size: int) -> LayerInputs:
+def _embedded(run: Run, stem: Stem, windows: Tensor, batch_size: int) -> LayerInputs:
     """Layer 0's inputs for this worker's batches of `windows`."""
     w = run.workers
     batches = [windows[b.start : b.stop] for b in batch_share(windows.shape[0], batch_size, w.rank, w.world_size)]
-    return embed_batches(run.stem(), batches)
+    return embed_batches(stem, batches)
 
 
 class Evaluation:
@@ -247,11 +251,11 @@ class Evaluation:
     go through each dense layer before it is pruned and through the pruned layer after, so evaluation
     costs no extra reading of the weights."""
 
-    def __init__(self, run: Run, windows: Tensor):
+    def __init__(self, run: Run, stem: Stem, windows: Tensor):
         self.run, self.windows = run, windows
         w = run.workers
         self.batches = batch_share(windows.shape[0], EVAL_BATCH, w.rank, w.world_size)
-        self.dense = self.pruned = _embedded(run, windows, EVAL_BATCH)
+        self.dense = self.pruned = _embedded(run, stem, windows, EVAL_BATCH)
 
     def perplexities(self) -> dict[str, float]:
         run = self.run
