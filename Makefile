@@ -12,7 +12,9 @@ export TOKENIZERS_PARALLELISM := false
 
 $(BIN)/dist-prune: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 setuptools wheel
+	# deepspeed ships as an sdist whose setup.py imports torch: build it against the torch above, no compiled ops.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

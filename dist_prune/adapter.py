@@ -110,11 +110,11 @@ def decoder_linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def compute_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
     """fp32 on the CPU (some CPUs here emulate bf16 at 1% of the fp32 rate); the checkpoint's half
     precision on CUDA. Statistics, scores and gradient sums are fp32 or fp64 whatever this is."""
-    if device.type == "cuda" and source_dtype in (torch.bfloat16, torch.float16):
-        return source_dtype
+    if device.type == "cuda" and weight_dtype in (torch.bfloat16, torch.float16):
+        return weight_dtype
     return torch.float32
 
 

@@ -69,8 +69,7 @@ def evaluate(
 
 def plan(config: ConfigLike = None, **overrides: Any):
     """Per-worker memory of each phase, from the model's config.json alone (returns a MemoryPlan)."""
-    from .assets import resolve_model
-    from .memory import plan_for
+    from .memory import plan_for, plan_source
 
     resolved = resolve_config(config, **overrides)
-    return plan_for(resolved, resolve_model(resolved.model))
+    return plan_for(resolved, plan_source(resolved))

@@ -1,30 +1,54 @@
-"""Reading a Hugging Face LLaMA checkpoint: checked before anything heavy is loaded."""
+"""Where the weights come from: a Hugging Face LLaMA checkpoint (safetensors) or a DeepSpeed ZeRO training
+checkpoint (zero.py), checked before anything heavy is loaded, and read one tensor (or some rows) at a time.
+
+`open_checkpoint` is the one entry: it returns a `CheckpointInfo` whose `open_weights()` gives a reader with
+`shape(name)` and `read(names, rows)`, the same for both kinds, so nothing downstream knows which it is.
+"""
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
+from safetensors import safe_open
+from torch import Tensor, nn
 
+from .assets import resolve_model
 from .errors import CheckpointError
+from .zero import ZeroLayout, ZeroWeights, beside, find_tag_dir, is_zero_checkpoint, read_layout, require_trust
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    path: Path
+    path: Path  # the weights: an HF checkpoint folder, or a ZeRO tag folder
     config: dict
     weight_files: tuple[Path, ...]
+    files_dir: Path | None = None  # config.json and the tokenizer (None: `path`)
+    zero: ZeroLayout | None = None
+    out_dtype: torch.dtype | None = None  # None: the checkpoint's own dtype
 
     @property
-    def source_dtype(self) -> torch.dtype:
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype every weight is read in, pruned in and written in."""
+        if self.out_dtype is not None:
+            return self.out_dtype
         name = self.config.get("dtype") or self.config.get("torch_dtype") or "float32"
         return getattr(torch, name)
+
+    @property
+    def model_files(self) -> Path:
+        return self.files_dir or self.path
+
+    def open_weights(self) -> "SafetensorsWeights | ZeroWeights":
+        if self.zero is not None:
+            return ZeroWeights(self.zero, self.weight_dtype)
+        return SafetensorsWeights(self.path, self.out_dtype)
 
     @property
     def num_layers(self) -> int:
@@ -40,6 +64,36 @@ class CheckpointInfo:
         head_dim = self.config.get("head_dim") or self.config["hidden_size"] // heads
         hidden, mlp = self.config["hidden_size"], self.config["intermediate_size"]
         return {"q/k/v/gate/up": hidden, "o_proj": heads * head_dim, "down_proj": mlp}
+
+
+def open_checkpoint(config) -> CheckpointInfo:
+    """The checkpoint a PruneConfig names, checked; a DeepSpeed folder only with `source.trust_pickle`."""
+    path, source = resolve_model(config.model), config.source
+    out_dtype = OUT_DTYPES[source.out_dtype] if source.out_dtype else None
+    if is_zero_checkpoint(path):
+        return inspect_zero_checkpoint(path, source, out_dtype or torch.bfloat16)
+    for flag in ("ds_tag", "ds_config_dir"):
+        if getattr(source, flag) is not None:
+            raise CheckpointError(f"--{flag.replace('_', '-')} is for DeepSpeed checkpoints; {path} is not one")
+    return replace(inspect_checkpoint(path), out_dtype=out_dtype)
+
+
+def inspect_zero_checkpoint(path: Path, source, out_dtype: torch.dtype) -> CheckpointInfo:
+    """A ZeRO checkpoint's layout (pickled structure only, after the user said --trust-pickle) and the HF
+    config and tokenizer that go with it, checked as an HF checkpoint's would be."""
+    require_trust(path, source.trust_pickle)
+    tag_dir = find_tag_dir(path, source.ds_tag)
+    places = (Path(source.ds_config_dir),) if source.ds_config_dir else beside(tag_dir)
+    files_dir = next((place for place in places if (place / "config.json").is_file()), None)
+    if files_dir is None:
+        raise CheckpointError(
+            f"no config.json for DeepSpeed checkpoint {tag_dir} in {' or '.join(map(str, places))}: pass "
+            f"--ds-config-dir, a folder with the model's config.json and tokenizer"
+        )
+    config = read_model_config(files_dir / "config.json")
+    layout = read_layout(tag_dir)
+    check_shapes(tag_dir, config, layout.shapes)
+    return CheckpointInfo(tag_dir, config, layout.files, files_dir=files_dir, zero=layout, out_dtype=out_dtype)
 
 
 def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> CheckpointInfo:
@@ -94,6 +148,17 @@ def check_model_config(config: dict, config_file: Path) -> None:
         raise CheckpointError(f"{config_file}: dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise CheckpointError(f"{config_file}: LLaMA checkpoints with biases are not supported")
+
+
+def check_shapes(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the model needs is there with the shape config.json implies."""
+    from .adapter import expected_shapes  # the one place that knows LLaMA's names
+
+    for name, shape in expected_shapes(config).items():
+        if name not in shapes:
+            raise CheckpointError(f"checkpoint {path} has no tensor {name}")
+        if list(shapes[name]) != list(shape):
+            raise CheckpointError(f"{name} has shape {list(shapes[name])} in {path}; config.json implies {list(shape)}")
 
 
 def check_tensors(path: Path, config: dict, headers: dict[Path, dict]) -> None:
@@ -201,13 +266,56 @@ def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None
             )
 
 
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Which safetensors file holds each tensor of the checkpoint."""
+    if (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(path / SINGLE_FILE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), path / SINGLE_FILE)
+    raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+class SafetensorsWeights:
+    """Tensors of an HF checkpoint by name, whole or by rows, read through mmap one file open at a time
+    (and rounded to `dtype` when the user asked for another output dtype)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype | None = None):
+        self.files, self.dtype = tensor_files(path), dtype
+
+    def shape(self, name: str) -> list[int]:
+        with safe_open(self._file(name), framework="pt") as f:
+            return f.get_slice(name).get_shape()
+
+    def read(self, names: list[str], rows: dict[str, range] | None = None) -> dict[str, Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._file(name), []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in file_names:
+                    block = rows.get(name) if rows else None
+                    tensor = f.get_slice(name)[block.start : block.stop] if block else f.get_tensor(name)
+                    tensors[name] = tensor if self.dtype is None else tensor.to(self.dtype)
+        return tensors
+
+    def _file(self, name: str) -> Path:
+        if name not in self.files:
+            raise CheckpointError(f"the checkpoint has no tensor {name}")
+        return self.files[name]
+
+
 def load_model(info: CheckpointInfo, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
     """The whole model in fp32 on one device (the in-process worker)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own log lines say what is loading; no bars in pipeline logs
-    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        info.model_files, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     return model.to(device).eval()
 
 

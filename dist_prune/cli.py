@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--verify", action="store_true", help="check every layer file against the size and SHA-256 in its manifest"
     )
+    inspect.add_argument(
+        "--trust-pickle", action="store_true", help="read a DeepSpeed checkpoint (pickles: loading one runs its code)"
+    )
+    inspect.add_argument("--ds-tag", default=None, help="DeepSpeed checkpoint: the tag folder instead of `latest`")
     inspect.set_defaults(handler=_inspect)
 
     compare = commands.add_parser(
@@ -171,11 +175,10 @@ def _grad(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .assets import resolve_model
-    from .memory import format_plan, plan_both
+    from .memory import format_plan, plan_both, plan_source
 
     config = load_config(args.config, _overrides(args))
-    plans = plan_both(config, resolve_model(config.model))
+    plans = plan_both(config, plan_source(config))
     if args.json:
         print(json.dumps({residency: plan.to_dict() for residency, plan in plans.items()}))
     else:
@@ -197,8 +200,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspection import format_summary, summarize_checkpoint
+    from .inspection import format_summary, format_zero_summary, summarize_checkpoint, summarize_zero_checkpoint
+    from .zero import is_zero_checkpoint
 
+    if is_zero_checkpoint(Path(args.model)):
+        if args.pattern or args.verify:
+            raise DistPruneError("--pattern and --verify check stored weights: use them on the pruned output")
+        summary = summarize_zero_checkpoint(Path(args.model), args.ds_tag, args.trust_pickle)
+        print(json.dumps(summary) if args.json else format_zero_summary(summary))
+        return 0
     summary = summarize_checkpoint(Path(args.model), args.pattern)
     if args.verify:
         summary["verified"] = _verified(Path(args.model))

@@ -25,6 +25,7 @@ LAUNCHERS = ("local", "ray", "torchrun")
 RESIDENCIES = ("auto", "resident", "stream")
 ACTIVATION_STORAGES = ("auto", "memory", "disk")
 GRADIENT_DTYPES = ("fp32", "fp16")
+OUT_DTYPES = ("bf16", "fp16", "fp32")
 _UNITS = {
     "": 1,
     "b": 1,
@@ -149,9 +150,27 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    out_dtype: str | None = None
+    """dtype of the written weights: "bf16", "fp16" or "fp32" (None: the checkpoint's own dtype; bf16 for a
+    DeepSpeed checkpoint, whose fp32 master weights are read). Weights are rounded to it as they are read, so
+    pruning decides on exactly the weights that are written."""
+    trust_pickle: bool = False
+    """Read a DeepSpeed ZeRO checkpoint, whose *_states.pt files are Python pickles: loading one runs whatever
+    code its writer put in it. Only for checkpoints you trust."""
+    ds_tag: str | None = None
+    """DeepSpeed checkpoint: the tag folder to read (e.g. global_step1000) instead of the one `latest` names."""
+    ds_config_dir: str | None = None
+    """DeepSpeed checkpoint: a folder with the model's config.json and tokenizer (default: beside the
+    checkpoint: the folder holding `latest`, or the one above the tag folder)."""
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     model: str = "smollm2-135m"
-    """"smollm2-135m" (the cached asset) or a path to a Hugging Face LLaMA checkpoint."""
+    """"smollm2-135m" (the cached asset), a Hugging Face LLaMA checkpoint folder, or a DeepSpeed ZeRO checkpoint
+    folder (the one holding `latest`, or a `global_stepN` tag folder; needs --trust-pickle)."""
+    source: SourceConfig = field(default_factory=SourceConfig)
     out: str = "out/pruned"
     """Output directory; it appears only when complete."""
     prune: MethodConfig = field(default_factory=MethodConfig)
@@ -290,6 +309,8 @@ def validate(config: PruneConfig) -> None:
     if p.gblm_norm not in ("l1", "l2"):
         raise ConfigError(f"gblm_norm must be 'l1' or 'l2', got {p.gblm_norm!r}")
     _one_of("gradient_dtype", p.gradient_dtype, GRADIENT_DTYPES)
+    if config.source.out_dtype is not None:
+        _one_of("out_dtype", config.source.out_dtype, OUT_DTYPES)
     _positive("gblm_scale", p.gblm_scale)
     _positive("sparsegpt_damp", p.sparsegpt_damp)
     for name in ("sparsegpt_blocksize",):

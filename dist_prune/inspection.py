@@ -150,6 +150,58 @@ def summarize_checkpoint(
     }
 
 
+def summarize_zero_checkpoint(path: Path, tag: str | None, trust_pickle: bool) -> dict:
+    """A DeepSpeed ZeRO checkpoint from its pickled structure alone: stage, ranks, shapes and sizes (the weights
+    are not read: sparsity is the pruned output's business)."""
+    from .zero import find_tag_dir, read_layout, require_trust
+
+    require_trust(path, trust_pickle)
+    layout = read_layout(find_tag_dir(path, tag))
+    stored = {name: shape for name, shape in layout.shapes.items() if name not in layout.aliases}
+    layers: dict[int, dict[str, dict]] = {}
+    other = {}
+    for name, shape in stored.items():
+        match = DECODER_WEIGHT.search(name)
+        entry = {"shape": list(shape), "numel": math.prod(shape)}
+        if match and len(shape) == 2:
+            layers.setdefault(int(match.group(1)), {})[match.group(2)] = entry
+        else:
+            other[name] = entry
+    return {
+        "path": str(layout.tag_dir),
+        "kind": f"deepspeed-zero{layout.stage}",
+        "world_size": layout.world_size,
+        "ds_version": layout.ds_version,
+        "files": [file.name for file in layout.files],
+        "stored_bytes": layout.stored_bytes,
+        "total_parameters": sum(math.prod(shape) for shape in stored.values()),
+        "master_dtype": "float32",
+        "tied": layout.aliases,
+        "layers": [
+            {"layer": index, "numel": sum(m["numel"] for m in modules.values()), "modules": modules}
+            for index, modules in sorted(layers.items())
+        ],
+        "other": other,
+    }
+
+
+def format_zero_summary(summary: dict) -> str:
+    layers = summary["layers"]
+    lines = [
+        f"DeepSpeed {summary['kind'].removeprefix('deepspeed-').upper()} checkpoint {summary['path']}: written by "
+        f"{summary['world_size']} rank(s) with deepspeed {summary['ds_version']}; {len(summary['files'])} files, "
+        f"{summary['stored_bytes'] / 1e9:.3f} GB with the optimizer state",
+        f"{summary['total_parameters']:,} parameters ({summary['master_dtype']} master weights); "
+        f"{len(layers)} decoder layers, {sum(layer['numel'] for layer in layers):,} parameters in their matrices",
+    ]
+    if layers:
+        shapes = ", ".join(f"{name} {tuple(m['shape'])}" for name, m in layers[0]["modules"].items())
+        lines.append(f"layer 0: {shapes}")
+    lines += [f"{name} {tuple(entry['shape'])}" for name, entry in summary["other"].items()]
+    lines += [f"{alias} is tied to {stored}" for alias, stored in summary["tied"].items()]
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class _MatrixCount:
     zeros: int

@@ -35,8 +35,7 @@ from .adapter import (
     layer_prefix,
     linear_weight_name,
 )
-from .assets import resolve_model
-from .checkpoint import inspect_checkpoint, load_tokenizer
+from .checkpoint import load_tokenizer, open_checkpoint
 from .config import PruneConfig
 from .data import calibration_windows, evaluation_windows, load_text, tokenize
 from .distributed import ShardSelector, StopRequest, Workers, all_reduce_layer_statistics, batch_share, local_share
@@ -69,13 +68,12 @@ class Run:
         if r.residency == "auto" or r.activation_storage == "auto":
             raise ValueError("the driver resolves residency and activation storage (memory.resolve_runtime)")
         self.config, self.workers, self.progress, self.scratch = config, workers, progress, scratch
-        self.info = inspect_checkpoint(resolve_model(config.model))
-        self.model_config = AutoConfig.from_pretrained(self.info.path)
-        self.dtype = compute_dtype(workers.device, self.info.source_dtype)
+        self.info = open_checkpoint(config)
+        self.model_config = AutoConfig.from_pretrained(self.info.model_files)
+        self.dtype = compute_dtype(workers.device, self.info.weight_dtype)
         self.method = method(config.prune.method)
         with progress.phase("load"):
-            args = (self.info.path, self.info.num_layers, self.info.tied_embeddings)
-            self.store = ResidentStore(*args, workers) if r.residency == "resident" else StreamStore(*args)
+            self.store = ResidentStore(self.info, workers) if r.residency == "resident" else StreamStore(self.info)
 
     def stem(self) -> Stem:
         return Stem(self.model_config, self.store.read([EMBEDDING])[EMBEDDING].to(self.workers.device), self.dtype)
@@ -91,7 +89,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         stop = stack.enter_context(StopRequest())
         run = Run(config, workers, progress, scratch)
-        windows, eval_windows = token_windows(config, run.info.path, progress)
+        windows, eval_windows = token_windows(config, run.info.model_files, progress)
         writer = stack.enter_context(_writer(config, run.info.num_layers)) if workers.is_main else None
         finished = writer.verified_layers() if writer is not None else []
         done = int(sum_across_workers([float(len(finished))], workers.device)[0])  # worker 0 alone knows
@@ -115,8 +113,8 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         progress.timings["total"] = round(time.perf_counter() - started, 3)
         layers = finished + layers
         report = build_report(config, run.info, layers, perplexities, eval_windows, windows, progress.timings, workers)
-        report.update(workers=memory, memory_plan=plan_for(config, run.info.path).to_dict(), resumed_layers=done)
-        finish_run(writer, config, report, windows, run.info.path, run.info.config, run.info.source_dtype)
+        report.update(workers=memory, memory_plan=plan_for(config, run.info).to_dict(), resumed_layers=done)
+        finish_run(writer, config, report, windows, run.info.model_files, run.info.config, run.info.weight_dtype)
     log.info("wrote %s", config.out)
     return report
 
@@ -206,7 +204,7 @@ def _saved_state(run: Run, layer, index: int, pruned: dict[str, Tensor]) -> dict
     they were widened from it)."""
     prefix = layer_prefix(index)
     rest = {prefix + name: t for name, t in layer.state_dict().items() if prefix + name not in pruned}
-    return {**{name: t.detach().to(run.info.source_dtype) for name, t in rest.items()}, **pruned}
+    return {**{name: t.detach().to(run.info.weight_dtype) for name, t in rest.items()}, **pruned}
 
 
 def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[str, Tensor]):
@@ -223,7 +221,7 @@ def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[st
         selector = ShardSelector(mine.start, weight.shape[0])
         outcome = prune_weight(weight[mine.start : mine.stop], p, stats.get(LINEAR_INPUT_OWNER[name]), G, selector)
         # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
-        pruned[full_name] = gather_rows(outcome.weight.to(run.info.source_dtype), weight.shape[0])
+        pruned[full_name] = gather_rows(outcome.weight.to(run.info.weight_dtype), weight.shape[0])
         notes[name] = {}
         if outcome.damp is not None:
             notes[name]["sparsegpt_damp"] = outcome.damp
@@ -327,7 +325,7 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         run = Run(config, workers, progress, scratch)
-        windows = calibration_windows(config, load_tokenizer(run.info.path))
+        windows = calibration_windows(config, load_tokenizer(run.info.model_files))
         full: dict[str, Tensor] = {}
         _gradient_pass(run, windows, lambda _index, sums: _keep_full(full, sums) if workers.is_main else None)
     if not workers.is_main:

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .checkpoint import INDEX_FILE, SINGLE_FILE, inspect_checkpoint, read_model_config
+from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointInfo, open_checkpoint, read_model_config
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
 from .registry import Method, method
@@ -497,14 +497,26 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def plan_inputs(model_path: Path) -> tuple[dict, int | None]:
-    """config.json, and the bytes of the checkpoint's largest safetensors file (None without weights)."""
-    if model_path.is_dir() and ((model_path / INDEX_FILE).is_file() or (model_path / SINGLE_FILE).is_file()):
-        info = inspect_checkpoint(model_path)  # weights present: check them as prune would
-        return info.config, max(f.stat().st_size for f in info.weight_files)
-    config_file = model_path / "config.json" if model_path.is_dir() else model_path
+def plan_source(config: PruneConfig) -> CheckpointInfo | Path:
+    """The checkpoint `config.model` names, checked as prune would check it when its weights are there (HF or
+    DeepSpeed); else the path of its config.json alone (a plan for a model not yet downloaded)."""
+    from .assets import resolve_model
+    from .zero import is_zero_checkpoint
+
+    path = resolve_model(config.model)
+    if is_zero_checkpoint(path) or (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file():
+        return open_checkpoint(config)
+    return path
+
+
+def plan_inputs(model: CheckpointInfo | Path) -> tuple[dict, int | None]:
+    """config.json, and the bytes of the checkpoint's largest safetensors file (None without them)."""
+    if isinstance(model, CheckpointInfo):
+        largest = None if model.zero else max(f.stat().st_size for f in model.weight_files)
+        return model.config, largest
+    config_file = model / "config.json" if model.is_dir() else model
     if not config_file.is_file():
-        raise CheckpointError(f"no config.json at {model_path}")
+        raise CheckpointError(f"no config.json at {model}")
     return read_model_config(config_file), None
 
 
@@ -515,23 +527,23 @@ def _limits(config: PruneConfig) -> tuple[int | None, int | None]:
     return limit, available_memory("cpu")
 
 
-def plan_both(config: PruneConfig, model_path: Path) -> dict[str, MemoryPlan]:
+def plan_both(config: PruneConfig, model: CheckpointInfo | Path) -> dict[str, MemoryPlan]:
     """The plans `dist-prune plan` shows: resident and stream for "auto" (saap: resident only), else the one
     asked for; each with its activation storage resolved."""
-    model_config, largest_file = plan_inputs(model_path)
+    model_config, largest_file = plan_inputs(model)
     limit, host_limit = _limits(config)
     return _plans(config, model_config, limit, largest_file, host_limit)
 
 
-def plan_for(config: PruneConfig, model_path: Path) -> MemoryPlan:
+def plan_for(config: PruneConfig, model: CheckpointInfo | Path) -> MemoryPlan:
     """The plan of the run as it will go: "auto" residency and activation storage resolved."""
-    return _chosen(plan_both(config, model_path))
+    return _chosen(plan_both(config, model))
 
 
-def resolve_runtime(config: PruneConfig, model_path: Path) -> PruneConfig:
+def resolve_runtime(config: PruneConfig, model: CheckpointInfo | Path) -> PruneConfig:
     """The config with residency and activation storage decided (resident and host memory when they fit);
     the driver calls this once and hands the result to every worker."""
-    plan = plan_for(config, model_path)
+    plan = plan_for(config, model)
     runtime = replace(config.runtime, residency=plan.residency, activation_storage=plan.activation_storage)
     return replace(config, runtime=runtime)
 

@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 from .assets import resolve_model
-from .checkpoint import CheckpointInfo, check_pattern_fits, inspect_checkpoint, load_model, load_tokenizer
+from .checkpoint import (
+    CheckpointInfo,
+    check_pattern_fits,
+    inspect_checkpoint,
+    load_model,
+    load_tokenizer,
+    open_checkpoint,
+)
 from .config import PruneConfig
 from .data import evaluation_windows, load_text, load_token_windows, tokenize
 from .errors import CalibrationError, ConfigError
@@ -28,7 +35,7 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
 
         info = check_structured(config)
     else:
-        info = inspect_checkpoint(resolve_model(config.model))
+        info = open_checkpoint(config)
         check_pattern_fits(info, config.nm)
     check_output(Path(config.out), info.path, config.runtime.overwrite, config.runtime.resume)
     if method(config.prune.method).gradients and config.prune.gradients:
@@ -40,15 +47,15 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
 
 def compute_gradients(config: PruneConfig, out: Path, progress: Progress | None = None) -> Path | None:
     """`dist-prune grad`: the GBLM gradient pass alone, saved for later `prune --gradients FILE` runs."""
-    info = inspect_checkpoint(resolve_model(config.model))
+    info = open_checkpoint(config)
     check_gradients_output(out, info.path, config.runtime.overwrite, is_gradients_file)
     return launch("grad", _resolved(config, info), progress or Progress("quiet"))
 
 
 def _resolved(config: PruneConfig, info: CheckpointInfo) -> PruneConfig:
     """Residency and activation storage decided once, here, from the memory plan; the workers get the result."""
-    config = resolve_runtime(torchrun_world(config), info.path)
-    check_fits(plan_for(config, info.path))
+    config = resolve_runtime(torchrun_world(config), info)
+    check_fits(plan_for(config, info))
     return config
 
 

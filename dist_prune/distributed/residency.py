@@ -1,7 +1,7 @@
 """Where a worker's weights live between uses: the two residencies.
 
-- `StreamStore`: nothing stays resident. A decoder layer is read from the checkpoint's safetensors files
-  (mmap) when its turn comes and dropped once done; a worker holds at most one layer.
+- `StreamStore`: nothing stays resident. A decoder layer is read from the checkpoint (safetensors or ZeRO
+  partitions, memory-mapped: checkpoint.py) when its turn comes and dropped once done; a worker holds at most one layer.
 - `ResidentStore`: every worker keeps its row block of every decoder-layer tensor in the checkpoint's dtype,
   read once at the start; a layer is assembled by an all-gather of the row blocks when its turn comes, and
   the pruned rows replace the dense ones.
@@ -10,46 +10,21 @@ Both hand out the same full layer tensors in the checkpoint's dtype, so everythi
 scores, masks) is identical whichever is used.
 """
 
-from pathlib import Path
-
-from safetensors import safe_open
 from torch import Tensor
 
 from ..adapter import layer_tensor_names, rest_tensor_names
-from ..errors import CheckpointError
+from ..checkpoint import CheckpointInfo
 from .collectives import gather_rows
 from .process_group import Workers, local_share
-from .sharded_model import weight_files
-
-
-class WeightReader:
-    """Tensors of a checkpoint by name, whole or by rows, read through mmap one file open at a time."""
-
-    def __init__(self, path: Path):
-        self.files = weight_files(path)
-
-    def read(self, names: list[str], rows: dict[str, range] | None = None) -> dict[str, Tensor]:
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            if name not in self.files:
-                raise CheckpointError(f"the checkpoint has no tensor {name}")
-            by_file.setdefault(self.files[name], []).append(name)
-        tensors = {}
-        for file, file_names in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in file_names:
-                    block = rows.get(name) if rows else None
-                    tensors[name] = f.get_slice(name)[block.start : block.stop] if block else f.get_tensor(name)
-        return tensors
 
 
 class StreamStore:
     """Each layer read from the checkpoint when asked for; nothing kept."""
 
-    def __init__(self, path: Path, num_layers: int, tied: bool):
-        self.reader = WeightReader(path)
-        self.num_layers = num_layers
-        self.tied = tied
+    def __init__(self, info: CheckpointInfo):
+        self.reader = info.open_weights()
+        self.num_layers = info.num_layers
+        self.tied = info.tied_embeddings
 
     def layer(self, index: int) -> dict[str, Tensor]:
         return self.reader.read(layer_tensor_names(index))
@@ -72,23 +47,15 @@ class StreamStore:
 class ResidentStore(StreamStore):
     """This worker's row block of every decoder-layer tensor, in the checkpoint's dtype."""
 
-    def __init__(self, path: Path, num_layers: int, tied: bool, workers: Workers):
-        super().__init__(path, num_layers, tied)
+    def __init__(self, info: CheckpointInfo, workers: Workers):
+        super().__init__(info)
         self.workers = workers
         self.blocks: list[dict[str, Tensor]] = []
         self.rows: dict[str, int] = {}
-        for index in range(num_layers):
+        for index in range(self.num_layers):
             names = layer_tensor_names(index)
-            shapes = self._shapes(names)
-            self.rows.update({name: shape[0] for name, shape in shapes.items()})
+            self.rows.update({name: self.reader.shape(name)[0] for name in names})
             self.blocks.append(self.reader.read(names, {name: self._mine(name) for name in names}))
-
-    def _shapes(self, names: list[str]) -> dict[str, list[int]]:
-        shapes = {}
-        for name in names:
-            with safe_open(self.reader.files[name], framework="pt") as f:
-                shapes[name] = f.get_slice(name).get_shape()
-        return shapes
 
     def _mine(self, name: str) -> range:
         return local_share(self.rows[name], self.workers.rank, self.workers.world_size)

@@ -1,16 +1,13 @@
 """A LLaMA sharded by rows across the workers with FSDP2, each worker reading only its own rows.
 
-Build on the meta device (no memory), shard, allocate each worker's local shards, then fill them from
-the safetensors files with `get_slice`, which reads just the requested rows through mmap. The local
+Build on the meta device (no memory), shard, allocate each worker's local shards, then fill them through
+checkpoint.py's reader (safetensors `get_slice` reads just the requested rows through mmap). The local
 shard of a Linear weight is a contiguous block of output rows, exactly what the per-row maths needs.
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -18,7 +15,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..adapter import LAYERS_PREFIX, decoder_layers, layer_prefix
-from ..checkpoint import INDEX_FILE, SINGLE_FILE
+from ..checkpoint import CheckpointInfo
 from ..errors import CheckpointError
 from ..log import get_logger
 from .process_group import Workers
@@ -37,14 +34,14 @@ class RowShard:
     total_rows: int
 
 
-def load_sharded_model(path: Path, workers: Workers, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The checkpoint at `path` as an FSDP2 model whose parameters are row shards (`Shard(0)`)."""
-    config = AutoConfig.from_pretrained(path)
+def load_sharded_model(info: CheckpointInfo, workers: Workers, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The checkpoint as an FSDP2 model whose parameters are row shards (`Shard(0)`)."""
+    config = AutoConfig.from_pretrained(info.model_files)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     shard_model(model, workers)
-    fill_local_shards(model, weight_files(path))
-    log.info("loaded the local row shards of %s", path)
+    fill_local_shards(model, info.open_weights())
+    log.info("loaded the local row shards of %s", info.path)
     return model
 
 
@@ -63,37 +60,18 @@ def shard_model(model: nn.Module, workers: Workers) -> nn.Module:
     return model.eval()
 
 
-def weight_files(path: Path) -> dict[str, Path]:
-    """Which safetensors file holds each tensor of the checkpoint."""
-    if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
-    if (path / SINGLE_FILE).is_file():
-        with safe_open(path / SINGLE_FILE, framework="pt") as f:
-            return dict.fromkeys(f.keys(), path / SINGLE_FILE)
-    raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
-
-
 @torch.no_grad()
-def fill_local_shards(model: nn.Module, files: dict[str, Path]) -> None:
-    """Copy each parameter's local rows from the checkpoint, one open per file."""
-    by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
+def fill_local_shards(model: nn.Module, weights) -> None:
+    """Copy each parameter's local rows from the checkpoint (`CheckpointInfo.open_weights()`), reading only them."""
     for name, param in model.named_parameters():  # a tied lm_head is listed once, as the embedding
-        if name not in files:
-            raise CheckpointError(f"the checkpoint has no tensor {name}")
-        by_file.setdefault(files[name], []).append((name, param))
-    for file, params in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name, param in params:
-                _fill(param, f.get_slice(name), name)
-
-
-def _fill(param: nn.Parameter, source, name: str) -> None:
-    if list(source.get_shape()) != list(param.shape):
-        raise CheckpointError(
-            f"{name} has shape {source.get_shape()} in the checkpoint, the config says {list(param.shape)}"
-        )
-    copy_local_rows(param, source)
+        if weights.shape(name) != list(param.shape):
+            raise CheckpointError(
+                f"{name} has shape {weights.shape(name)} in the checkpoint, the config says {list(param.shape)}"
+            )
+        shard = local_rows(param)
+        rows = range(shard.row_offset, shard.row_offset + shard.tensor.shape[0])
+        if rows:  # a worker may hold no rows of a small tensor
+            shard.tensor.copy_(weights.read([name], {name: rows})[name])
 
 
 @torch.no_grad()

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapter import compute_dtype, decoder_layers
-from ..assets import resolve_model
-from ..checkpoint import CheckpointInfo, inspect_checkpoint
+from ..checkpoint import CheckpointInfo, open_checkpoint
 from ..config import PruneConfig
 from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
 from ..distributed.evaluation import evaluation_steps, sharded_perplexity
@@ -53,7 +52,7 @@ GQA_MODE = "query_heads"
 
 def check_structured(config: PruneConfig) -> CheckpointInfo:
     """The driver's checks: protected layers, and a target the prunable modules can reach (config alone)."""
-    info = inspect_checkpoint(resolve_model(config.model))
+    info = open_checkpoint(config)
     shapes = [config_layer_shape(info.config)] * info.num_layers
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
@@ -65,16 +64,16 @@ def check_structured(config: PruneConfig) -> CheckpointInfo:
 def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -> dict | None:
     """The whole structured job on this worker; worker 0 writes the output and returns the report."""
     started = time.perf_counter()
-    info = inspect_checkpoint(resolve_model(config.model))
+    info = open_checkpoint(config)
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
-    windows, eval_windows = token_windows(config, info.path, progress)
+    windows, eval_windows = token_windows(config, info.model_files, progress)
     writer = None
     if workers.is_main:
         writer = CheckpointWriter(Path(config.out), info.num_layers, {}, config.runtime.overwrite, resumable=False)
     with writer or nullcontext():
         with progress.phase("load"):
-            model = load_sharded_model(info.path, workers)
+            model = load_sharded_model(info, workers)
         shapes_before = [layer_shape(layer) for layer in decoder_layers(model)]
         params_before = parameter_counts(model)
         target = round(s.ratio * params_before["decoder_layers"])
@@ -83,7 +82,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
         scored, counts, keeps = _choose_removals(model, info, windows, layers, target, config, workers, progress)
         output = output_config(info.config, kept_sizes(shapes_before, keeps), shapes_before[0].head_dim)
         with progress.phase("prune"):
-            model = rebuild_smaller(model, keeps, output, info.source_dtype, workers)
+            model = rebuild_smaller(model, keeps, output, info.weight_dtype, workers)
         losses = []
         if s.recover_steps:
             _measure(perplexities, "before_recovery", model, eval_windows, workers, progress)
@@ -102,7 +101,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
             calibration={"sequences": windows.shape[0], "seqlen": windows.shape[1]},
             timings_s=dict(progress.timings),
             workers=memory,
-            memory_plan=plan_for(config, info.path).to_dict(),
+            memory_plan=plan_for(config, info).to_dict(),
             **run_environment(workers.world_size),
         )
         _write_outputs(writer, config, info, report, output, windows)
@@ -122,8 +121,8 @@ def _choose_removals(
 ) -> tuple[list[ModuleScores], list[int], dict[int, LayerKeep]]:
     """Score every group, allocate the target over the modules, pick the lowest-scored groups of each."""
     s = config.structured
-    store = StreamStore(info.path, info.num_layers, info.tied_embeddings)
-    source = GradientSource(store, model.config, compute_dtype(workers.device, info.source_dtype))
+    store = StreamStore(info)
+    source = GradientSource(store, model.config, compute_dtype(workers.device, info.weight_dtype))
     with progress.phase("gradients", total=gradient_steps(windows, s.stability_batches, info.num_layers)) as advance:
         scored = score_modules(
             model, source, windows, layers, s.importance, GQA_MODE, s.stability_batches, workers, advance
@@ -148,7 +147,7 @@ def _recover(
             model, windows, layers, s.recover_steps, s.recover_rank, s.recover_lr, batch, workers,
             config.calibration.seed, advance,
         )  # fmt: skip
-    round_to_dtype_(model, info.source_dtype)
+    round_to_dtype_(model, info.weight_dtype)
     return losses
 
 
@@ -224,7 +223,7 @@ def measure_perplexity(model: nn.Module, windows: Tensor, workers: Workers, prog
 
 
 def _write_weights(writer: CheckpointWriter | None, model: nn.Module, info: CheckpointInfo) -> None:
-    dtype = info.source_dtype
+    dtype = info.weight_dtype
     for index in range(len(decoder_layers(model))):
         state = gather_layer_state(model, index)
         if writer is not None:
@@ -238,7 +237,7 @@ def _write_outputs(
     writer: CheckpointWriter, config: PruneConfig, info: CheckpointInfo, report: dict, output: dict, windows: Tensor
 ) -> None:
     copy_modeling_file(output, writer.partial)
-    finish_run(writer, config, report, windows, info.path, output, info.source_dtype)
+    finish_run(writer, config, report, windows, info.model_files, output, info.weight_dtype)
 
 
 def build_report(
