@@ -70,7 +70,8 @@ def build(out: Path) -> float:
                "127.0.0.1", "--master-port", str(free_port()), __file__, "--build-rank", str(out)]  # fmt: skip
     subprocess.run(command, env=env, check=True)
     for name in TOKENIZER_FILES:
-        shutil.copy2(smollm2_dir() / name, out / name)
+        if (smollm2_dir() / name).is_file():
+            shutil.copy2(smollm2_dir() / name, out / name)
     return time.perf_counter() - start
 
 

@@ -28,6 +28,9 @@ RUNTIME_BASELINE = 450 * 2**20
 # A CUDA worker's host process: the runtime plus the CUDA context and pinned staging buffers.
 CUDA_HOST_BASELINE = 2 * RUNTIME_BASELINE
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+# Reading one parameter of a DeepSpeed ZeRO checkpoint holds, beyond its copy in the output dtype, the pages of
+# its fp32 master weights (memory-mapped, counted in RSS while mapped) and the fp32 copy gathered from them.
+ZERO_READ_EXTRA = 2 * FP32
 EVAL_BATCH = 2  # evaluation windows per forward (job.py)
 # How many evaluation windows to plan for when eval_windows is None: the count depends on the text, which
 # the plan does not read (set eval_windows for an exact plan).
@@ -158,6 +161,7 @@ class _Run:
     eval_seqlen: int
     stored: int  # bytes per value of the checkpoint's dtype
     compute: int  # bytes per value of the compute dtype
+    read_extra: int  # bytes per value held while one tensor is read, beyond its stored copy (ZERO_READ_EXTRA)
     gradient: int  # bytes per value of the gradient rows kept in the scratch directory
     gradient_pass: bool
 
@@ -191,11 +195,13 @@ def plan_memory(
     limit: int | None = None,
     largest_file: int | None = None,
     host_limit: int | None = None,
+    read_extra: int = 0,
 ) -> MemoryPlan:
     """The plan of the run as it will go: "auto" residency and activation storage resolved.
 
-    `largest_file`: bytes of the checkpoint's largest safetensors file (HF's default 5 GB shard if unknown)."""
-    return _chosen(_plans(config, model_config, limit, largest_file, host_limit))
+    `largest_file`: bytes of the checkpoint's largest safetensors file (HF's default 5 GB shard if unknown);
+    `read_extra`: bytes per value held while one tensor is read, beyond its copy (ZERO_READ_EXTRA for ZeRO)."""
+    return _chosen(_plans(config, model_config, limit, largest_file, host_limit, read_extra))
 
 
 def check_residency(config: PruneConfig) -> None:
@@ -207,7 +213,12 @@ def check_residency(config: PruneConfig) -> None:
 
 
 def _plans(
-    config: PruneConfig, model_config: dict, limit: int | None, largest_file: int | None, host_limit: int | None
+    config: PruneConfig,
+    model_config: dict,
+    limit: int | None,
+    largest_file: int | None,
+    host_limit: int | None,
+    read_extra: int = 0,
 ) -> dict[str, MemoryPlan]:
     """The plan of each residency the config leaves open, in order of preference."""
     check_residency(config)
@@ -215,7 +226,7 @@ def _plans(
         return {"resident": _fsdp_plan(config, model_config, limit, largest_file, host_limit)}
     asked = config.runtime.residency
     residencies = RESIDENCY_PREFERENCE if asked == "auto" else (asked,)
-    return {r: _with_storage(config, model_config, r, limit, host_limit) for r in residencies}
+    return {r: _with_storage(config, model_config, r, (limit, host_limit), read_extra) for r in residencies}
 
 
 def _chosen(plans: dict[str, MemoryPlan]) -> MemoryPlan:
@@ -224,15 +235,15 @@ def _chosen(plans: dict[str, MemoryPlan]) -> MemoryPlan:
 
 
 def _with_storage(
-    config: PruneConfig, model_config: dict, residency: str, limit: int | None, host_limit: int | None
+    config: PruneConfig, model_config: dict, residency: str, limits: tuple[int | None, int | None], read_extra: int
 ) -> MemoryPlan:
     """Activation storage "auto": host memory when the stored inputs leave room there, else the scratch disk."""
     asked = config.runtime.activation_storage
-    limits = (limit, host_limit)
-    in_memory = _layerwise_plan(config, model_config, residency, "memory" if asked == "auto" else asked, *limits)
+    run = _run(config, model_config, read_extra)
+    in_memory = _layerwise_plan(run, residency, "memory" if asked == "auto" else asked, *limits)
     if asked != "auto" or _stored_inputs_leave_room(in_memory):
         return in_memory
-    return _layerwise_plan(config, model_config, residency, "disk", *limits)
+    return _layerwise_plan(run, residency, "disk", *limits)
 
 
 def _stored_inputs_leave_room(plan: MemoryPlan) -> bool:
@@ -242,7 +253,7 @@ def _stored_inputs_leave_room(plan: MemoryPlan) -> bool:
     return host_share and (plan.device == "cuda" or plan.fits)
 
 
-def _run(config: PruneConfig, model_config: dict) -> _Run:
+def _run(config: PruneConfig, model_config: dict, read_extra: int = 0) -> _Run:
     c, e, w = config.calibration, config.evaluation, config.runtime.workers
     needs, device = method(config.prune.method), compute_device(config)
     stored = dtype_bytes(model_config)
@@ -260,6 +271,7 @@ def _run(config: PruneConfig, model_config: dict) -> _Run:
         eval_seqlen=e.eval_seqlen,
         stored=stored,
         compute=compute_bytes(device, stored),
+        read_extra=read_extra,
         gradient=GRADIENT_BYTES[config.prune.gradient_dtype],
         gradient_pass=needs.gradients and not config.prune.gradients,
     )
@@ -271,10 +283,7 @@ def worker_sequences(nsamples: int, batch_size: int, workers: int) -> int:
     return min(nsamples, batches_per_worker * batch_size)
 
 
-def _layerwise_plan(
-    config: PruneConfig, model_config: dict, residency: str, storage: str, limit: int | None, host_limit: int | None
-) -> MemoryPlan:
-    run = _run(config, model_config)
+def _layerwise_plan(run: _Run, residency: str, storage: str, limit: int | None, host_limit: int | None) -> MemoryPlan:
     shape = run.shape
     in_host_memory = run.stored_inputs if storage == "memory" else 0
     phases = {"stem": _stem(run)}
@@ -319,13 +328,14 @@ def _gradient_rows(run: _Run) -> int:
 def _stem(run: _Run) -> int:
     """The embedding (as read, and its compute copy), and the hidden states it makes: layer 0's inputs
     (evaluation: dense and pruned)."""
-    embedding = run.shape.vocab * run.shape.hidden * (run.stored + run.compute)
+    embedding = run.shape.vocab * run.shape.hidden * (run.stored + run.compute + run.read_extra)
     return embedding + run.hidden_states + run.eval_hidden_states
 
 
 def _head(run: _Run) -> int:
     """Final norm and lm_head, on the last layer's evaluation outputs, and the logits of one step."""
-    head = run.shape.vocab * run.shape.hidden * (run.stored + run.compute)  # as read, and its compute copy
+    # As read, and its compute copy (writing the rest of the weights at the end reads as much).
+    head = run.shape.vocab * run.shape.hidden * (run.stored + run.compute + run.read_extra)
     logits = EVAL_LOGITS_COPIES * EVAL_BATCH * run.eval_seqlen * run.shape.vocab * FP32 if run.eval_windows else 0
     return head + run.eval_hidden_states + logits
 
@@ -338,7 +348,7 @@ def _layer_loop(run: _Run) -> int:
     tokens = max(run.batch * run.seqlen, EVAL_BATCH * run.eval_seqlen if run.eval_windows else 0)
     activations = tokens * (4 * shape.hidden + 3 * shape.mlp) * run.compute
     masks = 3 * run.own_rows(shape.widest_matrix, FP32)
-    gathered = shape.widest_matrix * run.compute
+    gathered = shape.widest_matrix * (run.compute + run.read_extra)
     return run.layer + boundaries + activations + _statistics(run) + masks + gathered
 
 
@@ -509,15 +519,17 @@ def plan_source(config: PruneConfig) -> CheckpointInfo | Path:
     return path
 
 
-def plan_inputs(model: CheckpointInfo | Path) -> tuple[dict, int | None]:
-    """config.json, and the bytes of the checkpoint's largest safetensors file (None without them)."""
+def plan_inputs(model: CheckpointInfo | Path) -> tuple[dict, int | None, int]:
+    """config.json, the bytes of the checkpoint's largest safetensors file (None without them), and the bytes
+    per value a read holds beyond the copy it returns."""
     if isinstance(model, CheckpointInfo):
-        largest = None if model.zero else max(f.stat().st_size for f in model.weight_files)
-        return model.config, largest
+        if model.zero is not None:
+            return {**model.config, "dtype": str(model.weight_dtype).removeprefix("torch.")}, None, ZERO_READ_EXTRA
+        return model.config, max(f.stat().st_size for f in model.weight_files), 0
     config_file = model / "config.json" if model.is_dir() else model
     if not config_file.is_file():
         raise CheckpointError(f"no config.json at {model}")
-    return read_model_config(config_file), None
+    return read_model_config(config_file), None, 0
 
 
 def _limits(config: PruneConfig) -> tuple[int | None, int | None]:
@@ -530,9 +542,9 @@ def _limits(config: PruneConfig) -> tuple[int | None, int | None]:
 def plan_both(config: PruneConfig, model: CheckpointInfo | Path) -> dict[str, MemoryPlan]:
     """The plans `dist-prune plan` shows: resident and stream for "auto" (saap: resident only), else the one
     asked for; each with its activation storage resolved."""
-    model_config, largest_file = plan_inputs(model)
+    model_config, largest_file, read_extra = plan_inputs(model)
     limit, host_limit = _limits(config)
-    return _plans(config, model_config, limit, largest_file, host_limit)
+    return _plans(config, model_config, limit, largest_file, host_limit, read_extra)
 
 
 def plan_for(config: PruneConfig, model: CheckpointInfo | Path) -> MemoryPlan:

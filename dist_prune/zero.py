@@ -7,8 +7,8 @@ moments). The master weights are what we prune: they are the trained model at fu
 
 These files are Python pickles, and unpickling runs code named in the file: nothing here loads one unless the
 user passed --trust-pickle (`require_trust`). They are memory-mapped (`torch.load(mmap=True)`), so opening a
-70B checkpoint reads only its pickled structure; each `ZeroWeights.read` opens them, copies out the
-parameters asked for and closes them again, so the pages read never accumulate in the process.
+70B checkpoint reads only its pickled structure; `ZeroWeights.read` opens them for each parameter, copies it
+out and closes them again, so the pages read never accumulate in the process.
 
 - ZeRO-3: DeepSpeed's own lazy reader (`zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`)
   gives one pseudo-tensor per parameter that gathers its slices from every rank's partition when asked.
@@ -174,11 +174,13 @@ class ZeroWeights:
         for name in names:
             self.shape(name)
         opener = _stage3_parameters if self.layout.stage == 3 else _stage12_parameters
-        with opener(self.layout) as parameters:
-            tensors = {}
-            for name in names:
-                # One fp32 parameter, a copy: nothing stays mapped to the files. DeepSpeed saved the master
-                # weights as tensors that require grad: detached, or every use would record autograd history.
+        tensors = {}
+        for name in names:
+            # The partitions are mapped for one parameter at a time, so the pages read are let go before the
+            # next: at most one fp32 parameter (its pages and its gathered copy) on top of what is returned.
+            with opener(self.layout) as parameters:
+                # DeepSpeed saved the master weights as tensors that require grad: detached, or every use
+                # downstream would record autograd history.
                 full = parameters(name).detach()
                 block = rows.get(name) if rows else None
                 tensors[name] = (full[block.start : block.stop] if block else full).to(self.dtype, copy=True)

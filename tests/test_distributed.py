@@ -69,6 +69,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
     from transformers import AutoConfig
 
     from dist_prune.adapter import EMBEDDING, Stem, build_layer
+    from dist_prune.checkpoint import inspect_checkpoint
     from dist_prune.distributed.collectives import (
         ShardSelector,
         all_reduce_layer_statistics,
@@ -94,7 +95,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
     workers = init_workers(rank, world, "127.0.0.1", port)
     result: dict = {}
     try:
-        tied = load_sharded_model(data["tied"], workers)
+        tied = load_sharded_model(inspect_checkpoint(data["tied"]), workers)
         result["tied_state"] = {
             **gather_layer_state(tied, 0),
             **gather_layer_state(tied, 1),
@@ -104,13 +105,13 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
             name: local_rows(m.weight) for name, m in tied.model.layers[1].named_modules() if name.endswith("proj")
         }
         result["shards"] = {name: (s.row_offset, s.total_rows, s.tensor.clone()) for name, s in shards.items()}
-        untied = load_sharded_model(data["untied"], workers)
+        untied = load_sharded_model(inspect_checkpoint(data["untied"]), workers)
         result["untied_state"] = {**gather_layer_state(untied, 0), **gather_non_layer_state(untied)}
 
         windows = data["windows"]
         mine = local_share(NSEQ, rank, world)
         model_config = AutoConfig.from_pretrained(data["tied"])
-        resident = ResidentStore(data["tied"], 2, True, workers)
+        resident = ResidentStore(inspect_checkpoint(data["tied"]), workers)
         stem = Stem(model_config, resident.rest()[EMBEDDING], torch.float32)
         layer0 = build_layer(model_config, 0, resident.layer(0), torch.float32)
         hidden, kwargs = stem(windows[mine.start : mine.stop])
@@ -118,7 +119,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         result["resident_layer1"] = resident.layer(1)
         result["resident_bytes"] = resident.resident_bytes
 
-        stream = StreamStore(data["tied"], 2, True)
+        stream = StreamStore(inspect_checkpoint(data["tied"]))
 
         def layerwise(request: GradientRequest, scratch: Scratch | None = None):
             found: dict[int, LayerSums] = {}

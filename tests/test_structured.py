@@ -203,6 +203,7 @@ def test_a_target_beyond_capacity_is_refused():
 def test_calibration_sums_are_total_gradient_and_per_sample_squares(tiny_llama):
     """The layer-wise pass as structured scoring asks for it, at one worker (tests/test_distributed.py runs the
     pass at 2 and 3 against the same loop), kept as the worker's FSDP rows."""
+    from dist_prune.checkpoint import inspect_checkpoint
     from dist_prune.distributed import init_workers, load_sharded_model, teardown
     from dist_prune.distributed.residency import StreamStore
     from dist_prune.structured.scoring import GradientSource, batch_sums
@@ -211,8 +212,8 @@ def test_calibration_sums_are_total_gradient_and_per_sample_squares(tiny_llama):
     windows = torch.randint(0, 49152, (3, 16), generator=torch.Generator().manual_seed(0))
     workers = init_workers(0, 1)
     try:
-        sharded = load_sharded_model(tiny_llama, workers)
-        source = GradientSource(StreamStore(tiny_llama, 2, True), sharded.config, torch.float32)
+        sharded = load_sharded_model(inspect_checkpoint(tiny_llama), workers)
+        source = GradientSource(StreamStore(inspect_checkpoint(tiny_llama)), sharded.config, torch.float32)
         sums = batch_sums(sharded, source, windows, [1], workers)
     finally:
         teardown()
