@@ -1,10 +1,13 @@
 """GBLM's gradient sums file: its format (`dist-prune grad` writes it, `prune --gradients` reads it by rows)
 and its checks. The pass itself is distributed/layer_gradients.py."""
 
+import json
+import math
+import struct
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .adapter import LINEARS, linear_shapes, linear_weight_name
@@ -12,15 +15,73 @@ from .distributed.process_group import local_share
 from .errors import ConfigError
 
 GRADIENT_KIND = "dist_prune/gblm-gradient-sums"
+FP32_BYTES = 4
 
 
 def save_gradient_sums(
     path: Path, sums: dict[str, Tensor], scale: float, norm: str, nsamples: int, seqlen: int
 ) -> None:
-    meta = {"kind": GRADIENT_KIND, "scale": repr(scale), "norm": norm, "nsamples": str(nsamples), "seqlen": str(seqlen)}
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous().cpu() for k, v in sums.items()}, partial, metadata=meta)
-    partial.rename(path)
+    with GradientSumsWriter(
+        path, {name: list(t.shape) for name, t in sums.items()}, scale, norm, nsamples, seqlen
+    ) as out:
+        out.write(sums)
+
+
+class GradientSumsWriter:
+    """The gradients file written layer by layer, as the pass finishes each layer (top layer first), so the
+    writer never holds more than one layer's sums (the whole file is 274 GB of fp32 at 70B).
+
+    safetensors has no incremental writer. Its format is small and fixed: an 8-byte little-endian header
+    length, a JSON header (name -> dtype, shape, byte offsets in the data section), then the tensors' bytes.
+    Every shape is known before the pass starts, so the header is written first and each layer's sums land
+    at their offsets when they are ready; `safe_open` reads the result like any other file. The file is
+    built as `NAME.partial` and renamed once every tensor is in place."""
+
+    def __init__(self, path: Path, shapes: dict[str, list[int]], scale: float, norm: str, nsamples: int, seqlen: int):
+        meta = {
+            "kind": GRADIENT_KIND,
+            "scale": repr(scale),
+            "norm": norm,
+            "nsamples": str(nsamples),
+            "seqlen": str(seqlen),
+        }
+        header: dict = {"__metadata__": meta}
+        self.offsets: dict[str, tuple[int, list[int]]] = {}
+        end = 0
+        for name in sorted(shapes):
+            size = math.prod(shapes[name]) * FP32_BYTES
+            header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [end, end + size]}
+            self.offsets[name] = (end, list(shapes[name]))
+            end += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        self.data_start = 8 + len(encoded)
+        self.path, self.partial = path, path.with_name(path.name + ".partial")
+        self.file = open(self.partial, "wb")
+        self.file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self.file.truncate(self.data_start + end)
+        self.missing = set(shapes)
+
+    def write(self, tensors: dict[str, Tensor]) -> None:
+        for name, tensor in tensors.items():
+            start, shape = self.offsets[name]
+            if list(tensor.shape) != shape:
+                raise ValueError(f"{name}: sums of shape {list(tensor.shape)}, the header says {shape}")
+            self.file.seek(self.data_start + start)
+            self.file.write(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self.missing.discard(name)
+
+    def __enter__(self) -> "GradientSumsWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.file.close()
+        if kind is not None or self.missing:
+            self.partial.unlink(missing_ok=True)
+            if kind is None:
+                raise ValueError(f"the gradient pass left {len(self.missing)} tensors unwritten")
+            return
+        self.partial.rename(self.path)
 
 
 def is_gradients_file(path: Path) -> bool:

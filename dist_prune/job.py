@@ -33,6 +33,7 @@ from .adapter import (
     compute_dtype,
     head_tensor_names,
     layer_prefix,
+    linear_shapes,
     linear_weight_name,
 )
 from .checkpoint import load_tokenizer, open_checkpoint
@@ -43,7 +44,7 @@ from .distributed.collectives import any_worker, broadcast_from_first, gather_ro
 from .distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, Scratch, layerwise_gradient_pass
 from .distributed.residency import ResidentStore, StreamStore
 from .errors import CheckpointError
-from .gradients import read_layer_gradient_rows, save_gradient_sums
+from .gradients import GradientSumsWriter, read_layer_gradient_rows
 from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run_layer
 from .log import get_logger
 from .memory import EVAL_BATCH, plan_for
@@ -321,22 +322,25 @@ def _gradient_pass(run: Run, windows: Tensor, on_layer, layers: frozenset[int] |
 
 
 def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progress: Progress) -> Path | None:
-    """`dist-prune grad`: the layer-wise gradient pass alone; worker 0 saves the full sums."""
+    """`dist-prune grad`: the layer-wise gradient pass alone; worker 0 writes each layer's summed sums into
+    the output file as the pass finishes it, holding one layer at a time."""
+    p, c = config.prune, config.calibration
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         run = Run(config, workers, progress, scratch)
         windows = calibration_windows(config, load_tokenizer(run.info.model_files))
-        full: dict[str, Tensor] = {}
-        _gradient_pass(run, windows, lambda _index, sums: _keep_full(full, sums) if workers.is_main else None)
-    if not workers.is_main:
-        return None
-    p, c = config.prune, config.calibration
-    save_gradient_sums(out, full, p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen)
-    return out
-
-
-def _keep_full(full: dict[str, Tensor], sums: LayerSums) -> None:
-    full.update({name: total.float() for name, total in sums.power.items()})
+        writer = None
+        if workers.is_main:
+            shapes = {
+                linear_weight_name(index, name): shape
+                for index in range(run.info.num_layers)
+                for name, shape in linear_shapes(run.info.config).items()
+            }
+            writer = stack.enter_context(
+                GradientSumsWriter(out, shapes, p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen)
+            )
+        _gradient_pass(run, windows, lambda _index, sums: writer.write(sums.power) if writer is not None else None)
+    return out if workers.is_main else None
 
 
 def _needs_scratch(config: PruneConfig) -> bool:

@@ -168,3 +168,34 @@ def test_load_with_another_calibration_size_is_refused(tmp_path, sums, nsamples,
     save_gradient_sums(path, sums, 100.0, "l2", 2, 16)
     with pytest.raises(ConfigError, match="nsamples=2 x seqlen=16"):
         load_gradient_sums(path, 100.0, "l2", nsamples, seqlen)
+
+
+def test_the_file_is_written_layer_by_layer_in_any_order(tmp_path, sums):
+    """The grad command writes each layer's sums when the pass finishes it, top layer first; the file is an
+    ordinary safetensors file, and it appears only once every tensor is in place."""
+    from safetensors import safe_open
+
+    from dist_prune.checkpoint import check_safetensors_file
+    from dist_prune.gradients import GradientSumsWriter
+
+    path = tmp_path / "g.safetensors"
+    names = sorted(sums)
+    with GradientSumsWriter(path, {n: list(sums[n].shape) for n in names}, 100.0, "l2", 2, 16) as writer:
+        for name in reversed(names):
+            assert not path.exists()
+            writer.write({name: sums[name].double()})  # the pass's fp64 sums are stored as fp32
+    check_safetensors_file(path)
+    with safe_open(path, framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(n), sums[n].float()) for n in names)
+    assert load_gradient_sums(path, 100.0, "l2", 2, 16).keys() == sums.keys()
+
+
+def test_an_unfinished_file_is_never_left_behind(tmp_path, sums):
+    from dist_prune.gradients import GradientSumsWriter
+
+    path = tmp_path / "g.safetensors"
+    name = sorted(sums)[0]
+    with pytest.raises(ValueError, match="unwritten"):
+        with GradientSumsWriter(path, {n: list(t.shape) for n, t in sums.items()}, 100.0, "l2", 2, 16) as writer:
+            writer.write({name: sums[name]})
+    assert list(tmp_path.iterdir()) == []
