@@ -190,3 +190,13 @@ def test_inspect_and_plan_read_shapes_and_sizes_only(zero_checkpoints, capsys):
     assert summary["other"]["lm_head.weight"]["shape"] == [49152, 64]
     assert main(["--quiet", "plan", "--model", str(checkpoint), "--trust-pickle", "--method", "wanda"]) == 0
     assert "stream" in capsys.readouterr().out
+
+
+def test_structured_pruning_reads_a_zero_checkpoint_like_its_hf_export(
+    zero_checkpoints, hf_exports, text_file, tmp_path
+):
+    """saap loads its row shards through the same reader: identical smaller models."""
+    saap = ("--method", "saap", "--ratio", "0.2", "--protect-first", "0", "--protect-last", "0", "--threads", "1")
+    assert main(zero_args(zero_checkpoints[3], tmp_path / "zero", text_file, *saap)) == 0
+    assert main(prune_args(hf_exports[3], tmp_path / "hf", text_file, *saap, "--out-dtype", "bf16")) == 0
+    assert_identical(tmp_path / "zero", tmp_path / "hf")
