@@ -34,10 +34,15 @@ class Heartbeat:
         self.store = dist.PrefixStore("dist_prune/heartbeat", client)
         self.where = f"{address}:{port}"
         self.stopped = threading.Event()
+        self.answered_at = time.monotonic()  # the last time a round of store calls came back
         self.thread = threading.Thread(target=self._run, name="dist_prune-heartbeat", daemon=True)
+        # A store hosted by a stopped process (worker 0 under Ray, SIGSTOP) keeps the connection open and never
+        # answers: the client's timeout does not cover every call, so the calls are timed from outside.
+        self.watch = threading.Thread(target=self._watch_store, name="dist_prune-heartbeat-watch", daemon=True)
 
     def start(self) -> "Heartbeat":
         self.thread.start()
+        self.watch.start()
         return self
 
     def stop(self) -> None:
@@ -51,6 +56,7 @@ class Heartbeat:
             try:
                 self.store.set(str(self.rank), str(beats))
                 silent = self._silent(last_seen)
+                self.answered_at = time.monotonic()
             except Exception:  # a stopped or dead store host: every call times out
                 if not self.stopped.is_set():
                     self._give_up(f"the rendezvous store at {self.where} stopped answering (the host of worker 0)")
@@ -58,6 +64,14 @@ class Heartbeat:
             if silent is not None and not self.stopped.is_set():
                 self._give_up(f"worker {silent[0]} stopped responding: no heartbeat for {silent[1]:.0f} s")
                 return
+
+    def _watch_store(self) -> None:
+        while not self.stopped.wait(BEAT_EVERY_S):
+            waited = time.monotonic() - self.answered_at
+            if waited > self.limit_s and not self.stopped.is_set():
+                self._give_up(
+                    f"the rendezvous store at {self.where} stopped answering for {waited:.0f} s (the host of worker 0)"
+                )
 
     def _silent(self, last_seen: dict) -> tuple[int, float] | None:
         now = time.monotonic()

@@ -1,7 +1,8 @@
 """Where a worker's weights live between uses: the two residencies.
 
-- `StreamStore`: nothing stays resident. A decoder layer is read from the checkpoint (safetensors or ZeRO
-  partitions, memory-mapped: checkpoint.py) when its turn comes and dropped once done; a worker holds at most one layer.
+- `StreamStore`: nothing stays resident. A decoder layer is read from the checkpoint (safetensors files or
+  ZeRO partitions, memory-mapped: checkpoint.py) when its turn comes and dropped once done; a worker holds at
+  most one layer.
 - `ResidentStore`: every worker keeps its row block of every decoder-layer tensor in the checkpoint's dtype,
   read once at the start; a layer is assembled by an all-gather of the row blocks when its turn comes, and
   the pruned rows replace the dense ones.
