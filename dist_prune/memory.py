@@ -359,10 +359,11 @@ def _statistics(run: _Run) -> int:
         widest = max(shape.input_widths)
         # Collecting: X X^T per input group in fp64, and one batch's fp32 X^T X of the widest input.
         collecting = sum(width * width for width in shape.input_widths) * FP64 + widest * widest * FP32
-        # Pruning: the sums rounded to fp32 (InputStatistics.round_once), H and Hinv of the widest input, and
-        # the fp32 copy of this worker's rows that OBS updates in place.
+        # Pruning: the sums rounded to fp32 (InputStatistics.round_once); H of the widest input and two of its
+        # factors at a time while H^-1's Cholesky factor is made (methods/sparsegpt.py); the fp32 copy of this
+        # worker's rows that OBS updates in place.
         sums = sum(width * width for width in shape.input_widths) * FP32
-        pruning = sums + 2 * widest * widest * FP32 + run.own_rows(shape.widest_matrix, FP32)
+        pruning = sums + 3 * widest * widest * FP32 + run.own_rows(shape.widest_matrix, FP32)
         return max(collecting, pruning)
     if run.method.gradients:
         return run.own_rows(shape.layer_linear_params, FP32)  # this layer's gradient rows, read back as fp32

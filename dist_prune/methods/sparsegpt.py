@@ -33,10 +33,15 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
     mean_diag = torch.mean(torch.diag(H))
     fraction = damp
     for _ in range(MAX_DAMP_RETRIES):
-        damped = H + fraction * mean_diag * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        # At most three (in x in) matrices at a time besides H (down_proj's is 764 MB at 13B): no identity
+        # matrix for the damping, and each factor dropped once the next is made.
+        damped = H.clone()
+        damped.diagonal().add_(fraction * mean_diag)
         L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 return U, fraction
@@ -59,10 +64,12 @@ def sparsegpt_prune(
     exactly int(numel * ratio) lowest of w^2 / diag(Hinv)^2 (one threshold over the whole block).
     """
     W = W.float().clone()
-    H = H.float().clone()
+    H = H.float()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    if dead.any():  # a copy only when there is something to change: H is the largest matrix here
+        H = H.clone()
+        H[dead, dead] = 1
+        W[:, dead] = 0
     Hinv, used = inverse_hessian_factor(H, damp)
     mask = torch.zeros_like(W, dtype=torch.bool)
     columns = W.shape[1]
