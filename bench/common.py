@@ -22,13 +22,19 @@ def run_child(args: list[str], launcher: list[str] | None = None) -> tuple[float
     Under a launcher such as torchrun the child is the launcher itself: read the workers' own peaks from
     the report instead.
     """
+    wall, peak = run_measured([sys.executable, *(launcher or []), "-m", "dist_prune", "--quiet", *args])
+    return wall, peak // 2**20
+
+
+def run_measured(command: list[str], **popen) -> tuple[float, int]:
+    """Run a command; returns (wall seconds, peak resident bytes of the child, from os.wait4)."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *(launcher or []), "-m", "dist_prune", "--quiet", *args])
+    process = subprocess.Popen(command, **popen)
     _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"dist-prune {' '.join(args)} failed with exit code {process.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss // 1024
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {code}")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
 def eval_json(model: str, seqlen: int, windows: int) -> dict:

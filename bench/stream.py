@@ -340,9 +340,10 @@ def prune(settings: dict, workers: int, scratch: Path | None = None) -> dict:
 def planned(settings: dict) -> dict:
     """The memory plan's per-worker peak and scratch bytes for this run (the plan API lives here alone)."""
     from dist_prune.config import build_config
-    from dist_prune.memory import plan_for
+    from dist_prune.memory import plan_for, plan_source
 
-    plan = plan_for(build_config(overrides=settings), Path(settings["model"])).to_dict()
+    config = build_config(overrides=settings)
+    plan = plan_for(config, plan_source(config)).to_dict()
     return dict(peak=plan["peak"], scratch=plan["scratch"], storage=plan["activation_storage"])
 
 

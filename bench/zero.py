@@ -18,6 +18,7 @@ import argparse
 import datetime
 import importlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_line, run_child, write_section
+from common import machine_line, run_child, run_measured, write_section
+from stream import dir_bytes, flags, planned
 
 GiB = 2**30
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -75,20 +77,6 @@ def build(out: Path) -> float:
     return time.perf_counter() - start
 
 
-def child_peak(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of a non-dist_prune child."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dist_prune_bench_zero"))
@@ -102,32 +90,37 @@ def main() -> None:
         return
     command = "python bench/zero.py " + " ".join(sys.argv[1:])
     work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if work.exists() and any(work.iterdir()):
+        parser.error(f"--workdir {work} is not empty: this script writes (and then deletes) its files there")
+    created = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
     checkpoint, pruned, exported = work / "ckpt", work / "pruned", work / "exported"
     print("building the ZeRO-3 checkpoint ...", flush=True)
     built_s = build(checkpoint)
     tag = checkpoint / (checkpoint / "latest").read_text().strip()
     sizes = dict(checkpoint=dir_bytes(tag), fp32=_fp32_bytes(tag))
 
-    settings = ["--model", str(checkpoint), "--trust-pickle", "--method", "wanda", "--sparsity", "0.5",
-                "--residency", "stream", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                "--batch-size", "1", "--no-eval-after", "--threads", str(os.cpu_count()), "--out", str(pruned)]  # fmt: skip
-    print("$ dist-prune prune " + " ".join(settings), flush=True)
-    prune_s, prune_mib = run_child(["prune", *settings])
+    settings = dict(model=str(checkpoint), trust_pickle=True, method="wanda", sparsity=0.5, residency="stream",
+                    nsamples=args.nsamples, seqlen=args.seqlen, batch_size=1, eval_after=False,
+                    threads=os.cpu_count(), out=str(pruned))  # fmt: skip
+    print("$ dist-prune prune " + " ".join(flags(settings)), flush=True)
+    prune_s, prune_mib = run_child(["prune", *flags(settings)])
     report = json.loads((pruned / "prune_report.json").read_text())
-    plan = _plan(settings)
     convert = [sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(exported),
                "--safe_serialization"]  # fmt: skip
     print("$ " + " ".join(convert), flush=True)
-    convert_s, convert_peak = child_peak(convert)
+    convert_s, convert_peak = run_measured(convert, stdout=subprocess.DEVNULL)
     rows = dict(
-        prune=dict(wall=prune_s, peak=prune_mib * 2**20, out=dir_bytes(pruned), report=report, plan=plan),
+        prune=dict(wall=prune_s, peak=prune_mib * 2**20, out=dir_bytes(pruned), report=report,
+                   plan=planned(settings)["peak"]),
         convert=dict(wall=convert_s, peak=convert_peak, out=dir_bytes(exported)),
-    )
+    )  # fmt: skip
     write_section("zero-1b", render(rows, sizes, built_s, args, command))
     if not args.keep:
-        shutil.rmtree(work)
+        for made in (checkpoint, pruned, exported):
+            shutil.rmtree(made, ignore_errors=True)
+        if created:
+            work.rmdir()
     print(json.dumps({k: {n: v for n, v in r.items() if n != "report"} for k, r in rows.items()}, indent=1))
 
 
@@ -135,23 +128,7 @@ def _fp32_bytes(tag: Path) -> int:
     from dist_prune.zero import read_layout
 
     layout = read_layout(tag)
-    return 4 * sum(_numel(shape) for name, shape in layout.shapes.items() if name not in layout.aliases)
-
-
-def _numel(shape) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total
-
-
-def _plan(settings: list[str]) -> int:
-    from dist_prune.cli import _overrides, _parser
-    from dist_prune.config import load_config
-    from dist_prune.memory import plan_for, plan_source
-
-    config = load_config(None, _overrides(_parser().parse_args(["prune", *settings])))
-    return plan_for(config, plan_source(config)).to_dict()["peak"]
+    return 4 * sum(math.prod(shape) for name, shape in layout.shapes.items() if name not in layout.aliases)
 
 
 def render(rows: dict, sizes: dict, built_s: float, args, command: str) -> str:

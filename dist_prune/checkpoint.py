@@ -166,15 +166,14 @@ def check_tensors(path: Path, config: dict, headers: dict[Path, dict]) -> None:
     from .adapter import expected_shapes  # the one place that knows LLaMA's names
 
     index = _read_json(path / INDEX_FILE, "weight index")["weight_map"] if (path / INDEX_FILE).is_file() else None
-    for name, shape in expected_shapes(config).items():
+    shapes = {}
+    for name in expected_shapes(config):
         file = path / index[name] if index and name in index else (path / SINGLE_FILE if index is None else None)
         entry = headers.get(file, {}).get(name) if file else None
         if entry is None:
             raise CheckpointError(f"checkpoint {path} has no tensor {name}" + (f" in {file.name}" if file else ""))
-        if list(entry["shape"]) != list(shape):
-            raise CheckpointError(
-                f"{name} has shape {entry['shape']} in {file.name}; config.json implies {list(shape)}"
-            )
+        shapes[name] = entry["shape"]
+    check_shapes(path, config, shapes)
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -121,16 +121,20 @@ def load_gradient_sums(
         return {} if headers_only else {name: f.get_tensor(name) for name in f.keys()}
 
 
-def check_gradient_file_shapes(path: Path, model_config: dict) -> None:
-    """A saved gradients file must cover exactly this model's decoder Linears, with the same shapes."""
+def gradient_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
+    """The tensors of a gradients file: one per decoder Linear weight, of its shape."""
     shapes = linear_shapes(model_config)
-    expected = {
+    return {
         linear_weight_name(index, name): shape
         for index in range(model_config["num_hidden_layers"])
         for name, shape in shapes.items()
     }
+
+
+def check_gradient_file_shapes(path: Path, model_config: dict) -> None:
+    """A saved gradients file must cover exactly this model's decoder Linears, with the same shapes."""
     with safe_open(path, framework="pt") as f:
-        check_gradient_sums({name: f.get_slice(name).get_shape() for name in f.keys()}, expected)
+        check_gradient_sums({name: f.get_slice(name).get_shape() for name in f.keys()}, gradient_shapes(model_config))
 
 
 def read_layer_gradient_rows(path: Path, index: int, rank: int, world_size: int) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ from .adapter import LINEAR_INPUT_OWNER
 from .checkpoint import INDEX_FILE, SINGLE_FILE, check_safetensors_file, listed_weight_files, read_model_config
 from .config import parse_pattern
 from .errors import CheckpointError
+from .zero import find_tag_dir, read_layout, require_trust
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 DECODER_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
@@ -153,8 +154,6 @@ def summarize_checkpoint(
 def summarize_zero_checkpoint(path: Path, tag: str | None, trust_pickle: bool) -> dict:
     """A DeepSpeed ZeRO checkpoint from its pickled structure alone: stage, ranks, shapes and sizes (the weights
     are not read: sparsity is the pruned output's business)."""
-    from .zero import find_tag_dir, read_layout, require_trust
-
     require_trust(path, trust_pickle)
     layout = read_layout(find_tag_dir(path, tag))
     stored = {name: shape for name, shape in layout.shapes.items() if name not in layout.aliases}

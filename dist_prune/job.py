@@ -33,7 +33,6 @@ from .adapter import (
     compute_dtype,
     head_tensor_names,
     layer_prefix,
-    linear_shapes,
     linear_weight_name,
 )
 from .checkpoint import load_tokenizer, open_checkpoint
@@ -44,7 +43,7 @@ from .distributed.collectives import any_worker, broadcast_from_first, gather_ro
 from .distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, Scratch, layerwise_gradient_pass
 from .distributed.residency import ResidentStore, StreamStore
 from .errors import CheckpointError
-from .gradients import GradientSumsWriter, read_layer_gradient_rows
+from .gradients import GradientSumsWriter, gradient_shapes, read_layer_gradient_rows
 from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run_layer
 from .log import get_logger
 from .memory import EVAL_BATCH, plan_for
@@ -331,11 +330,7 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
         windows = calibration_windows(config, load_tokenizer(run.info.model_files))
         writer = None
         if workers.is_main:
-            shapes = {
-                linear_weight_name(index, name): shape
-                for index in range(run.info.num_layers)
-                for name, shape in linear_shapes(run.info.config).items()
-            }
+            shapes = gradient_shapes(run.info.config)
             writer = stack.enter_context(
                 GradientSumsWriter(out, shapes, p.gblm_scale, p.gblm_norm, c.nsamples, c.seqlen)
             )

@@ -16,10 +16,12 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .assets import resolve_model
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointInfo, open_checkpoint, read_model_config
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
 from .registry import Method, method
+from .zero import is_zero_checkpoint
 
 FP32, FP64 = 4, 8
 GRADIENT_BYTES = {"fp32": 4, "fp16": 2}
@@ -511,9 +513,6 @@ def available_memory(device: str) -> int | None:
 def plan_source(config: PruneConfig) -> CheckpointInfo | Path:
     """The checkpoint `config.model` names, checked as prune would check it when its weights are there (HF or
     DeepSpeed); else the path of its config.json alone (a plan for a model not yet downloaded)."""
-    from .assets import resolve_model
-    from .zero import is_zero_checkpoint
-
     path = resolve_model(config.model)
     if is_zero_checkpoint(path) or (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file():
         return open_checkpoint(config)
@@ -524,9 +523,11 @@ def plan_inputs(model: CheckpointInfo | Path) -> tuple[dict, int | None, int]:
     """config.json, the bytes of the checkpoint's largest safetensors file (None without them), and the bytes
     per value a read holds beyond the copy it returns."""
     if isinstance(model, CheckpointInfo):
+        # Weights rest and are written in the run's dtype (--out-dtype, bf16 for a ZeRO input), not config.json's.
+        config = {**model.config, "dtype": str(model.weight_dtype).removeprefix("torch.")}
         if model.zero is not None:
-            return {**model.config, "dtype": str(model.weight_dtype).removeprefix("torch.")}, None, ZERO_READ_EXTRA
-        return model.config, max(f.stat().st_size for f in model.weight_files), 0
+            return config, None, ZERO_READ_EXTRA
+        return config, max(f.stat().st_size for f in model.weight_files), 0
     config_file = model / "config.json" if model.is_dir() else model
     if not config_file.is_file():
         raise CheckpointError(f"no config.json at {model}")

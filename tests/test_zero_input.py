@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_tiny_llama
-from safetensors import safe_open
 from test_bad_input import prune_args
+from test_end_to_end import load_weights
 from test_engine import prune_on_workers
 from test_user_files import refused
 
@@ -78,17 +78,8 @@ def zero_args(model: Path, out: Path, text: Path, *extra: str) -> list[str]:
     return prune_args(model, out, text, "--trust-pickle", *extra)
 
 
-def all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    tensors = {}
-    for name, file in index.items():
-        with safe_open(path / file, framework="pt") as f:
-            tensors[name] = f.get_tensor(name)
-    return tensors
-
-
 def assert_identical(a: Path, b: Path) -> None:
-    first, second = all_tensors(a), all_tensors(b)
+    first, second = load_weights(a), load_weights(b)
     assert first.keys() == second.keys()
     for name in first:
         assert first[name].dtype == second[name].dtype == torch.bfloat16, name

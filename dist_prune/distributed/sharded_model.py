@@ -64,14 +64,20 @@ def shard_model(model: nn.Module, workers: Workers) -> nn.Module:
 def fill_local_shards(model: nn.Module, weights) -> None:
     """Copy each parameter's local rows from the checkpoint (`CheckpointInfo.open_weights()`), reading only them."""
     for name, param in model.named_parameters():  # a tied lm_head is listed once, as the embedding
-        if weights.shape(name) != list(param.shape):
-            raise CheckpointError(
-                f"{name} has shape {weights.shape(name)} in the checkpoint, the config says {list(param.shape)}"
-            )
-        shard = local_rows(param)
-        rows = range(shard.row_offset, shard.row_offset + shard.tensor.shape[0])
-        if rows:  # a worker may hold no rows of a small tensor
-            shard.tensor.copy_(weights.read([name], {name: rows})[name])
+        shape = weights.shape(name)
+        if shape != list(param.shape):
+            raise CheckpointError(f"{name} has shape {shape} in the checkpoint, the config says {list(param.shape)}")
+        copy_local_rows(param, _RowsRead(weights, name))
+
+
+class _RowsRead:
+    """One tensor of the checkpoint, read only when sliced, and then only those rows (for copy_local_rows)."""
+
+    def __init__(self, weights, name: str):
+        self.weights, self.name = weights, name
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        return self.weights.read([self.name], {self.name: range(rows.start, rows.stop)})[self.name]
 
 
 @torch.no_grad()
