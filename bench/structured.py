@@ -1,10 +1,12 @@
-"""SAAP-style structured pruning of the real SmolLM2-135M against two baselines, with generation speed.
+"""Structured pruning of the real SmolLM2-135M: SAAP-style against FLAP and LLM-Pruner, with generation speed.
 
 At 20% and 50% of the decoder-layer parameters removed: SAAP-style (fused importance, adaptive per-module
-ratios), the uniform per-layer ratio with the same fused scores, and element-wise Taylor alone with uniform
-ratios (LLM-Pruner's choice). Each prune is its own process and measures perplexity before and after the
-recovery fine-tuning; greedy generation speed (tokens/s at batch 1 and 8) is measured in another process per
-model, dense included. Writes the `structured` section of bench/RESULTS.md.
+ratios), the uniform per-layer ratio with the same fused scores, element-wise Taylor alone with uniform
+ratios (LLM-Pruner's choice), and FLAP (fluctuation, global standardised allocation, bias compensation).
+Each prune is its own process and measures perplexity before recovery, along the recovery (every
+--recover-eval-every steps) and after it; every variant gets the same recovery budget. Greedy generation speed
+(tokens/s at batch 1 and 8) is measured in another process per model, dense included. Writes the `structured`
+section of bench/RESULTS.md.
 
     python bench/structured.py [--nsamples 32] [--seqlen 128] [--recover-steps 40] [--threads N]
     python bench/structured.py --workers 2 --ratios 0.2 --variants 0   # the same job on 2 torchrun workers
@@ -25,10 +27,12 @@ from pathlib import Path
 from common import machine_line, run_child, write_section
 
 VARIANTS = [
-    ("SAAP-style (fused, adaptive)", ["--importance", "fused", "--allocation", "adaptive"]),
-    ("uniform ratio, fused scores", ["--importance", "fused", "--allocation", "uniform"]),
-    ("element-wise Taylor, uniform (LLM-Pruner)", ["--importance", "element", "--allocation", "uniform"]),
-]
+    ("SAAP-style (fused, adaptive, compensated)", ["--method", "saap"]),
+    ("SAAP-style without bias compensation", ["--method", "saap", "--no-bias-compensation"]),
+    ("uniform ratio, fused scores, compensated", ["--method", "saap", "--allocation", "uniform"]),
+    ("element-wise Taylor, uniform (LLM-Pruner)", ["--method", "saap", "--importance", "element", "--allocation", "uniform", "--no-bias-compensation"]),
+    ("FLAP (fluctuation, global, compensated)", ["--method", "flap"]),
+]  # fmt: skip
 RATIOS = (0.2, 0.5)
 PROMPT_TOKENS = 32
 
@@ -43,11 +47,12 @@ def prune_variant(args: argparse.Namespace, out: Path, ratio: float, flags: list
         "eval-windows": args.eval_windows,
         "recover-steps": args.recover_steps,
         "recover-lr": args.recover_lr,
+        "recover-eval-every": args.recover_eval_every,
         "stability-batches": args.stability_batches,
         "out": out,
     }
     options = [item for name, value in settings.items() for item in (f"--{name}", str(value))]
-    command = ["prune", "--method", "saap", "--model", "smollm2-135m", *flags, *options, *thread_flags(args)]
+    command = ["prune", "--model", "smollm2-135m", *flags, *options, *thread_flags(args)]
     if args.workers == 1:
         wall, rss = run_child([*command, "--overwrite"])
     else:
@@ -106,7 +111,7 @@ def workers_text(workers: int) -> str:
 def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str) -> str:
     s = rows[0]["report"]["config"]["structured"]
     lines = [
-        f"## Structured pruning (SAAP-style): SmolLM2-135M (real weights), {workers_text(args.workers)}",
+        f"## Structured pruning: SmolLM2-135M (real weights), {workers_text(args.workers)}",
         "",
         f"Machine: {machine_line()}; children ran with {args.threads or 'the default number of'} torch threads.",
         f"Command: `{command}`.",
@@ -114,12 +119,14 @@ def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str
         f"{args.stability_batches} stability batches. Evaluation: {args.eval_windows} windows of {args.eval_seqlen} "
         f"tokens of the held-out split. Protected layers: the first {s['protect_first']} and the last "
         f"{s['protect_last']}. GQA mode: {rows[0]['report']['gqa_mode']}.",
-        f"Recovery: {args.recover_steps} steps of rank-8 adapters, lr {args.recover_lr}, batches of "
-        f"{args.batch_size} calibration windows, attention and MLP adapters alternating; merged before saving.",
+        f"Recovery, the same for every variant: {args.recover_steps} steps of rank-8 adapters, AdamW at a constant lr "
+        f"{args.recover_lr}, batches of {args.batch_size} fresh windows of {args.seqlen} tokens of the calibration "
+        f"split ({args.recover_steps * args.batch_size * args.seqlen:,} tokens), attention and MLP adapters "
+        "alternating; merged before saving.",
         f"Speed: greedy `generate`, fp32, prompt {PROMPT_TOKENS} tokens, exactly {args.new_tokens} new tokens per "
         "sequence, median of 3 after a warm-up, each model in a fresh process. Dense was measured first and last "
-        f"(b1 {dense['speeds'][0]['batch1']:.1f} / {dense['speeds'][1]['batch1']:.1f}, b8 "
-        f"{dense['speeds'][0]['batch8']:.1f} / {dense['speeds'][1]['batch8']:.1f} tok/s); the faster is the baseline.",
+        f"(b1 {_speeds(dense, 'batch1')}, b8 {_speeds(dense, 'batch8')} tok/s; one value: the run was stopped before "
+        "the last); the faster is the baseline.",
         "Reduction is of decoder-layer parameters (the target); `params` counts the whole model (tied embeddings once).",
         "",
         "| variant | target | params | reduction | ppl pruned | ppl recovered | tok/s b1 | tok/s b8 | speed-up b1 / b8 "
@@ -139,13 +146,34 @@ def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str
             f"| {ups} | {row['wall']:.0f} | {' / '.join(str(w['peak_bytes'] // 2**20) for w in r['workers'])} "
             f"| {r['memory_plan']['peak'] // 2**20} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _curve_table(rows)) + "\n"
 
 
-def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+def _speeds(dense: dict, key: str) -> str:
+    return " / ".join(f"{speeds[key]:.1f}" for speeds in dense["speeds"])
+
+
+def _curve_table(rows: list[dict]) -> list[str]:
+    """Perplexity against recovery tokens, one row per variant and target (when the curve was measured)."""
+    curves = [(row, (row["report"].get("recovery") or {}).get("curve") or []) for row in rows]
+    if not any(curve for _, curve in curves):
+        return []
+    tokens = [point["tokens"] for point in max((c for _, c in curves), key=len)]
+    lines = ["", "Perplexity along the recovery (adapters attached; 0: the pruned model):", ""]
+    lines += ["| variant | target | " + " | ".join(f"{t:,} tok" for t in tokens) + " |"]
+    lines += ["|---|---|" + "---|" * len(tokens)]
+    for row, curve in curves:
+        values = {point["tokens"]: f"{point['perplexity']:.2f}" for point in curve}
+        lines.append(
+            f"| {row['variant']} | {row['ratio']:.0%} | " + " | ".join(values.get(t, "-") for t in tokens) + " |"
+        )
+    return lines
+
+
+def run(args: argparse.Namespace, publish) -> None:
+    """Every variant at every ratio; `publish(dense, rows)` after each, so a long run leaves what it measured."""
     workdir = Path(args.workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     dense_speeds = [measure_speed("smollm2-135m", args)]
     rows = []
     for ratio in args.ratios:
@@ -156,13 +184,20 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             rows.append(dict(prune_variant(args, out, ratio, flags), variant=variant, ratio=ratio))
             print(variant, ratio, rows[-1]["report"]["perplexity"], rows[-1]["speed"], flush=True)
             shutil.rmtree(out)
+            publish(dense_summary(dense_speeds, rows), rows)
+    if not any(workdir.iterdir()):
+        workdir.rmdir()
     # Dense again at the end: a drift of the machine between the first and the last measurement shows here.
     dense_speeds.append(measure_speed("smollm2-135m", args))
+    publish(dense_summary(dense_speeds, rows), rows)
+
+
+def dense_summary(dense_speeds: list[dict], rows: list[dict]) -> dict:
     first = rows[0]["report"]
     speed = {key: max(s[key] for s in dense_speeds) for key in dense_speeds[0]}  # the faster: no flattering
-    dense = dict(params=first["parameters"]["model_before"], ppl=first["perplexity"]["dense"], speed=speed)
-    dense["speeds"] = dense_speeds
-    return dense, rows
+    return dict(
+        params=first["parameters"]["model_before"], ppl=first["perplexity"]["dense"], speed=speed, speeds=dense_speeds
+    )
 
 
 def main() -> None:
@@ -174,6 +209,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--recover-steps", type=int, default=40)
     parser.add_argument("--recover-lr", type=float, default=1e-3)
+    parser.add_argument("--recover-eval-every", type=int, default=0, help="steps between points of the curve")
     parser.add_argument("--stability-batches", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every child (default: torch's)")
@@ -183,14 +219,14 @@ def main() -> None:
     parser.add_argument("--variants", type=int, nargs="+", default=list(range(len(VARIANTS))))
     parser.add_argument("--speed-of", help=argparse.SUPPRESS)  # child mode: measure one model's speed
     args = parser.parse_args()
+    if not args.speed_of and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
+        parser.error(f"--workdir {args.workdir} is not empty: this script writes (and then deletes) its files there")
     if args.speed_of:
         print(json.dumps(speed_child(args.speed_of, args.new_tokens, args.threads)))
         return
-    dense, rows = run(args)
     command = ("python bench/structured.py " + " ".join(sys.argv[1:])).strip()
-    write_section(
-        "structured" if args.workers == 1 else f"structured-w{args.workers}", render(args, dense, rows, command)
-    )
+    section = "structured" if args.workers == 1 else f"structured-w{args.workers}"
+    run(args, lambda dense, rows: write_section(section, render(args, dense, rows, command)))
 
 
 if __name__ == "__main__":

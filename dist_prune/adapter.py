@@ -76,8 +76,14 @@ def expected_shapes(model_config: dict) -> dict[str, tuple[int, ...]]:
     shapes[FINAL_NORM] = (hidden,)
     if tied:
         del shapes[LM_HEAD]
+    biased = {
+        name for name in LINEARS if model_config.get("attention_bias" if name.startswith("self_attn") else "mlp_bias")
+    }
     for index in range(model_config["num_hidden_layers"]):
-        shapes.update({linear_weight_name(index, name): shape for name, shape in linear_shapes(model_config).items()})
+        linears = linear_shapes(model_config)
+        shapes.update({linear_weight_name(index, name): shape for name, shape in linears.items()})
+        # attention_bias / mlp_bias (structured pruning's bias compensation writes them): one per output row
+        shapes.update({f"{layer_prefix(index)}{name}.bias": (linears[name][0],) for name in biased})
         shapes.update({f"{layer_prefix(index)}{norm}.weight": (hidden,) for norm in NORMS})
     return shapes
 

@@ -71,11 +71,15 @@ def open_checkpoint(config) -> CheckpointInfo:
     path, source = resolve_model(config.model), config.source
     out_dtype = OUT_DTYPES[source.out_dtype] if source.out_dtype else None
     if is_zero_checkpoint(path):
-        return inspect_zero_checkpoint(path, source, out_dtype or torch.bfloat16)
-    for flag in ("ds_tag", "ds_config_dir"):
-        if getattr(source, flag) is not None:
-            raise CheckpointError(f"--{flag.replace('_', '-')} is for DeepSpeed checkpoints; {path} is not one")
-    return replace(inspect_checkpoint(path), out_dtype=out_dtype)
+        info = inspect_zero_checkpoint(path, source, out_dtype or torch.bfloat16)
+    else:
+        for flag in ("ds_tag", "ds_config_dir"):
+            if getattr(source, flag) is not None:
+                raise CheckpointError(f"--{flag.replace('_', '-')} is for DeepSpeed checkpoints; {path} is not one")
+        info = replace(inspect_checkpoint(path), out_dtype=out_dtype)
+    if info.config.get("attention_bias") or info.config.get("mlp_bias"):  # eval takes them (FLAP's output)
+        raise CheckpointError(f"{info.path}: pruning LLaMA checkpoints with biases is not supported")
+    return info
 
 
 def inspect_zero_checkpoint(path: Path, source, out_dtype: torch.dtype) -> CheckpointInfo:
@@ -146,8 +150,6 @@ def check_model_config(config: dict, config_file: Path) -> None:
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{config_file}: dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise CheckpointError(f"{config_file}: LLaMA checkpoints with biases are not supported")
 
 
 def check_shapes(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:

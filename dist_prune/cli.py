@@ -113,10 +113,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint = leaf_type(section, name)
         flag = "--" + name.replace("_", "-")
         doc = field_doc(section, name).replace("%", "%%")
-        if hint is bool:
+        if _is_bool(hint):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
         else:
             parser.add_argument(flag, type=_scalar_type(hint), default=None, dest=name, help=doc)
+
+
+def _is_bool(hint: Any) -> bool:
+    """bool, or bool | None (unset: a default decided elsewhere)."""
+    return set(getattr(hint, "__args__", (hint,))) - {type(None)} == {bool}
 
 
 def _scalar_type(hint: Any):

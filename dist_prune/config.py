@@ -26,6 +26,8 @@ RESIDENCIES = ("auto", "resident", "stream")
 ACTIVATION_STORAGES = ("auto", "memory", "disk")
 GRADIENT_DTYPES = ("fp32", "fp16")
 OUT_DTYPES = ("bf16", "fp16", "fp32")
+IMPORTANCES = ("fused", "element", "vector", "activation", "fluctuation")  # structured/importance.py
+ALLOCATIONS = ("adaptive", "uniform", "global")  # structured/allocation.py
 _UNITS = {
     "": 1,
     "b": 1,
@@ -73,18 +75,28 @@ class StructuredConfig:
     """Number of first decoder layers kept whole."""
     protect_last: int = 1
     """Number of last decoder layers kept whole."""
-    importance: str = "fused"
-    """Group importance: "fused" (SAAP-style), "element" (element-wise Taylor, LLM-Pruner), "vector", "activation"."""
-    allocation: str = "adaptive"
-    """Per-layer ratios: "adaptive" (importance stability across calibration batches) or "uniform"."""
+    importance: str | None = None
+    """Group importance: "fused" (SAAP-style), "element" (element-wise Taylor, LLM-Pruner), "vector",
+    "activation", or "fluctuation" (FLAP's WIFV); unset: the method's (saap: fused, flap: fluctuation)."""
+    allocation: str | None = None
+    """Per-module ratios: "adaptive" (importance stability across calibration batches), "uniform", or "global"
+    (FLAP: one threshold over the standardised fluctuation scores); unset: the method's (saap: adaptive, flap:
+    global)."""
+    bias_compensation: bool | None = None
+    """Add the removed channels' mean contribution as a bias of o_proj and down_proj (FLAP); unset: the
+    method's (on for saap and flap)."""
     stability_batches: int = 4
     """Calibration batches over which importance stability is measured."""
     recover_steps: int = 0
-    """Recovery fine-tuning steps with low-rank adapters, merged back into the weights (0: none)."""
+    """Recovery fine-tuning steps with low-rank adapters, merged back into the weights (0: none). Each step
+    trains on batch_size fresh windows of seqlen tokens of the calibration split (never the evaluation split)."""
     recover_rank: int = 8
     """Rank of the recovery adapters."""
     recover_lr: float = 2e-4
-    """Learning rate of the recovery adapters."""
+    """Learning rate of the recovery adapters (AdamW, constant)."""
+    recover_eval_every: int = 0
+    """Recovery steps between perplexity measurements (the recovery curve in the report; 0: before and after
+    only)."""
 
 
 @dataclass(frozen=True)
@@ -254,9 +266,19 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
         section, _ = leaves[key]
         (sections.setdefault(section, {}) if section else top)[key] = value
     built = {name: _hint(PruneConfig, name)(**values) for name, values in sections.items()}
-    config = PruneConfig(**top, **built)
+    config = _with_method_defaults(PruneConfig(**top, **built))
     validate(config)
     return config
+
+
+def _with_method_defaults(config: PruneConfig) -> PruneConfig:
+    """A structured method's choices fill the `structured` fields the user left unset, once, here."""
+    m = METHODS.get(config.prune.method)
+    if m is None or m.structured_defaults is None:
+        return config
+    s, defaults = config.structured, m.structured_defaults
+    unset = {f.name: getattr(defaults, f.name) for f in fields(defaults) if getattr(s, f.name) is None}
+    return dataclasses.replace(config, structured=dataclasses.replace(s, **unset))
 
 
 class _Yaml12IntLoader(yaml.SafeLoader):
@@ -296,7 +318,7 @@ def validate(config: PruneConfig) -> None:
     if p.method not in METHODS:
         raise ConfigError(f"unknown method {p.method!r}; choose one of {', '.join(METHODS)}")
     if method(p.method).structured:
-        _validate_structured(config.structured, p.pattern)
+        _validate_structured(p.method, config.structured, p.pattern)
         if config.runtime.resume:
             raise ConfigError("--resume is not available for structured pruning: it writes every layer at the end")
     elif p.pattern is None and not 0.0 < p.sparsity < 1.0:
@@ -339,17 +361,21 @@ def validate(config: PruneConfig) -> None:
         parse_bytes(r.device_memory)
 
 
-def _validate_structured(s: StructuredConfig, pattern: str | None) -> None:
+def _validate_structured(name: str, s: StructuredConfig, pattern: str | None) -> None:
     if pattern is not None:
-        raise ConfigError("saap removes whole heads and channels; it takes --ratio, not --pattern")
+        raise ConfigError(f"{name} removes whole heads and channels; it takes --ratio, not --pattern")
     if not 0.0 < s.ratio < 1.0:
         raise ConfigError(f"ratio must be strictly between 0 and 1, got {s.ratio}")
-    if s.importance not in ("fused", "element", "vector", "activation"):
-        raise ConfigError(f"importance must be fused, element, vector or activation, got {s.importance!r}")
-    if s.allocation not in ("adaptive", "uniform"):
-        raise ConfigError(f"allocation must be adaptive or uniform, got {s.allocation!r}")
-    if s.protect_first < 0 or s.protect_last < 0 or s.recover_steps < 0:
-        raise ConfigError("protect_first, protect_last and recover_steps must not be negative")
+    _one_of("importance", s.importance, IMPORTANCES)
+    _one_of("allocation", s.allocation, ALLOCATIONS)
+    if (s.allocation == "global") != (s.importance == "fluctuation") and s.allocation != "uniform":
+        raise ConfigError(
+            f"allocation {s.allocation!r} does not go with importance {s.importance!r}: 'global' compares "
+            "standardised fluctuation scores across layers, 'adaptive' the stability of gradient measures "
+            "(uniform goes with every importance)"
+        )
+    if min(s.protect_first, s.protect_last, s.recover_steps, s.recover_eval_every) < 0:
+        raise ConfigError("protect_first, protect_last, recover_steps and recover_eval_every must not be negative")
     _positive("stability_batches", s.stability_batches)
     _positive("recover_rank", s.recover_rank)
     _positive("recover_lr", s.recover_lr)

@@ -94,6 +94,19 @@ def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Ten
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
+def recovery_windows(tokens: Tensor, count: int, seqlen: int, seed: int) -> Tensor:
+    """`count` windows of `seqlen` tokens for recovery fine-tuning: the text cut into non-overlapping windows,
+    taken in a seeded random order; once every window has been used a new order starts (the next epoch)."""
+    available = tokens.numel() // seqlen
+    if available == 0:
+        raise CalibrationError(f"calibration text has {tokens.numel()} tokens, less than one window of {seqlen}")
+    windows = tokens[: available * seqlen].view(available, seqlen)
+    generator = torch.Generator().manual_seed(seed)
+    epochs = -(-count // available)
+    order = torch.cat([torch.randperm(available, generator=generator) for _ in range(epochs)])
+    return windows[order[:count]]
+
+
 def load_token_windows(path: str, nsamples: int, seqlen: int) -> Tensor:
     """Pre-tokenized windows from a safetensors file holding one integer tensor (N, T)."""
     try:
@@ -125,6 +138,18 @@ def evaluation_windows(tokens: Tensor, seqlen: int, max_windows: int | None) -> 
     if count == 0:
         raise CalibrationError(f"evaluation text has {tokens.numel()} tokens, less than one window of {seqlen}")
     return tokens[: count * seqlen].view(count, seqlen)
+
+
+def recovery_token_windows(config, tokenizer) -> Tensor:
+    """Structured recovery's windows, recover_steps x batch_size of them: fresh windows of the calibration
+    split (a pre-tokenized calibration file's windows, cycled, when one is given)."""
+    c, s = config.calibration, config.structured
+    count = s.recover_steps * c.batch_size
+    if c.calib_tokens:
+        windows = load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
+        return windows.repeat(-(-count // windows.shape[0]), 1)[:count]
+    tokens = tokenize(tokenizer, load_text(c.calib_source, "calibration"))
+    return recovery_windows(tokens, count, c.seqlen, c.seed)
 
 
 def calibration_windows(config, tokenizer) -> Tensor:

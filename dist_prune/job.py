@@ -213,13 +213,19 @@ def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[st
     The selectors and gathers are collectives: every worker walks the Linears in the same order."""
     w, p = run.workers, run.config.prune
     pruned, notes = {}, {}
+    last_user = {owner: name for name, owner in LINEAR_INPUT_OWNER.items()}  # in LINEARS order: the last wins
     for name in LINEARS:
         full_name = linear_weight_name(index, name)
         weight = layer.get_submodule(name).weight
         mine = local_share(weight.shape[0], w.rank, w.world_size)
         G = gradient_term(gradient_rows[full_name].float(), p.gblm_norm) if gradient_rows else None
         selector = ShardSelector(mine.start, weight.shape[0])
-        outcome = prune_weight(weight[mine.start : mine.stop], p, stats.get(LINEAR_INPUT_OWNER[name]), G, selector)
+        owner = LINEAR_INPUT_OWNER[name]
+        # A group's statistics go once its last Linear is pruned: SparseGPT's X X^T of q/k/v, o and gate/up
+        # (315 MB at 13B) are not held while down_proj's Hessian is inverted.
+        group = stats.pop(owner, None) if last_user[owner] == name else stats.get(owner)
+        outcome = prune_weight(weight[mine.start : mine.stop], p, group, G, selector)
+        del group
         # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
         pruned[full_name] = gather_rows(outcome.weight.to(run.info.weight_dtype), weight.shape[0])
         notes[name] = {}
@@ -387,7 +393,8 @@ def token_windows(config: PruneConfig, model_path: Path, progress: Progress) -> 
     m, e = method(config.prune.method), config.evaluation
     with progress.phase("tokenize"):
         tokenizer = load_tokenizer(model_path)
-        windows = calibration_windows(config, tokenizer) if m.statistics or m.gradients else None
+        calibrates = m.statistics or m.gradients or m.structured
+        windows = calibration_windows(config, tokenizer) if calibrates else None
         if not e.eval_after:
             return windows, None
         tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))

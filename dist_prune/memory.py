@@ -3,7 +3,7 @@
 The unstructured methods walk the model one decoder layer at a time. Under the `stream` residency a worker
 holds at most one decoder layer (as read from the checkpoint, plus a copy in the compute dtype); under
 `resident` each worker also keeps its row block of every decoder layer in the checkpoint's dtype. The
-structured method (saap) runs on FSDP: fp32 row shards of the whole model, always resident.
+structured methods (saap, flap) run on FSDP: fp32 row shards of the whole model, always resident.
 
 Three budgets are planned: the device (GPU memory, or host memory on a CPU run), the host (what a CUDA run
 keeps in RAM: the stored layer inputs of GBLM's gradient pass when they are kept in memory), and the scratch
@@ -99,8 +99,9 @@ class ModelShape:
 
     @property
     def input_widths(self) -> tuple[int, ...]:
-        """Inputs of a decoder layer's Linears, one per group sharing an input: q/k/v, o, gate/up, down."""
-        return (self.hidden, self.heads * self.head_dim, self.mlp)
+        """Inputs of a decoder layer's Linears, one per group sharing an input, in pruning order: q/k/v, o,
+        gate/up, down."""
+        return (self.hidden, self.heads * self.head_dim, self.hidden, self.mlp)
 
     @property
     def widest_matrix(self) -> int:
@@ -209,7 +210,7 @@ def plan_memory(
 def check_residency(config: PruneConfig) -> None:
     if method(config.prune.method).structured and config.runtime.residency == "stream":
         raise ConfigError(
-            "saap runs resident only (FSDP keeps each worker's fp32 row shard of the whole model); "
+            f"{config.prune.method} runs resident only (FSDP keeps each worker's fp32 row shard of the whole model); "
             "use --residency resident or auto"
         )
 
@@ -361,11 +362,14 @@ def _statistics(run: _Run) -> int:
         widest = max(shape.input_widths)
         # Collecting: X X^T per input group in fp64, and one batch's fp32 X^T X of the widest input.
         collecting = sum(width * width for width in shape.input_widths) * FP64 + widest * widest * FP32
-        # Pruning: the sums rounded to fp32 (InputStatistics.round_once); H of the widest input and two of its
-        # factors at a time while H^-1's Cholesky factor is made (methods/sparsegpt.py); the fp32 copy of this
-        # worker's rows that OBS updates in place.
-        sums = sum(width * width for width in shape.input_widths) * FP32
-        pruning = sums + 3 * widest * widest * FP32 + run.own_rows(shape.widest_matrix, FP32)
+        # Pruning, group by group in order: the sums rounded to fp32 (InputStatistics.round_once) of the groups
+        # not yet done (job._prune_rows drops each after its last Linear); H of the group's input and two of
+        # its factors at a time while H^-1's Cholesky factor is made (methods/sparsegpt.py); the fp32 copy of
+        # this worker's rows that OBS updates in place.
+        widths = shape.input_widths
+        pruning = max(
+            (sum(w * w for w in widths[g:]) + 3 * widths[g] * widths[g]) * FP32 for g in range(len(widths))
+        ) + run.own_rows(shape.widest_matrix, FP32)
         return max(collecting, pruning)
     if run.method.gradients:
         return run.own_rows(shape.layer_linear_params, FP32)  # this layer's gradient rows, read back as fp32
@@ -393,7 +397,7 @@ def _layerwise_gradient_pass(run: _Run) -> int:
 def _fsdp_plan(
     config: PruneConfig, model_config: dict, limit: int | None, largest_file: int | None, host_limit: int | None
 ) -> MemoryPlan:
-    """saap: fp32 compute copies of the weights sharded by rows over the workers (FSDP), fp32 gradient sums
+    """Structured methods: fp32 compute copies of the weights sharded by rows over the workers (FSDP), fp32 gradient sums
     sharded the same way, one decoder layer gathered at a time."""
     shape = ModelShape.from_config(model_config)
     w = config.runtime.workers
@@ -401,7 +405,9 @@ def _fsdp_plan(
     # Loading reads this worker's rows through mmap, one file at a time: those pages count as resident
     # until the file is closed.
     phases = {"load": min(largest_file or HF_SHARD_BYTES, source_bytes) // w}
-    phases["gradient_pass"] = _structured_gradient_pass(config, model_config)
+    # the phase names of structured/pipeline.py: FLAP's fluctuation needs a forward pass only
+    calibration = "statistics" if config.structured.importance == "fluctuation" else "gradient_pass"
+    phases[calibration] = _structured_calibration_pass(config, model_config)
     phases.update(_structured_phases(shape, w, config))
     if config.evaluation.eval_after:
         phases["evaluation"] = _fsdp_evaluation(shape, config.evaluation.eval_seqlen)
@@ -434,12 +440,17 @@ def _gathered_layer(shape: ModelShape) -> int:
     return 2 * shape.layer_params * FP32
 
 
-def _structured_gradient_pass(config: PruneConfig, model_config: dict) -> int:
-    """saap's gradient pass: one layer-wise pass per stability batch (all of the batch's stored layer inputs in
-    host memory, the fp64 squared and plain sums of one layer), while each worker keeps its fp32 rows of the
-    squared and plain sums for the batch and for the running totals (four sets, sharded)."""
+def _structured_calibration_pass(config: PruneConfig, model_config: dict) -> int:
+    """The calibration pass of structured pruning. The gradient measures: one layer-wise pass per stability
+    batch (all of the batch's stored layer inputs in host memory, the fp64 squared and plain sums of one layer),
+    while each worker keeps its fp32 rows of the squared and plain sums for the batch and for the running totals
+    (four sets, sharded). Fluctuation: a forward pass holding one layer's compute copy and this worker's
+    hidden states twice (a layer's inputs and outputs)."""
     run = _run(config, model_config)
     c, s = config.calibration, config.structured
+    if s.importance == "fluctuation":
+        sequences = math.ceil(c.nsamples / run.workers)
+        return run.shape.layer_params * FP32 + 2 * sequences * c.seqlen * run.shape.hidden * FP32
     batch_sequences = math.ceil(math.ceil(c.nsamples / min(s.stability_batches, c.nsamples)) / run.workers)
     run = replace(run, sequences=batch_sequences, gradient_pass=True, gradient=FP32)
     shape = run.shape

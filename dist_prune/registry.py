@@ -5,6 +5,16 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class StructuredDefaults:
+    """A structured method is a choice of group importance, allocation and bias compensation
+    (docs/structured.md); every one of them can be overridden from the config."""
+
+    importance: str
+    allocation: str
+    bias_compensation: bool
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     statistics: str | None  # input statistics per layer: "norms" (sum x^2), "hessian" (sum x x^T), or None
@@ -12,6 +22,7 @@ class Method:
     structured: bool = False  # removes whole heads and channels (structured/), instead of masking weights
     # Masks come from calibration scores (where the GBLM paper sees row/column structure): report.md pictures some.
     mask_pictures: bool = False
+    structured_defaults: StructuredDefaults | None = None  # what `structured.*` fields left unset become
 
 
 METHODS = {
@@ -21,7 +32,20 @@ METHODS = {
         Method("wanda", statistics="norms", gradients=False, mask_pictures=True),
         Method("sparsegpt", statistics="hessian", gradients=False, mask_pictures=True),
         Method("gblm", statistics="norms", gradients=True, mask_pictures=True),
-        Method("saap", statistics=None, gradients=True, structured=True),
+        Method(
+            "saap",
+            statistics=None,
+            gradients=True,
+            structured=True,
+            structured_defaults=StructuredDefaults("fused", "adaptive", bias_compensation=True),
+        ),
+        Method(
+            "flap",
+            statistics=None,
+            gradients=False,
+            structured=True,
+            structured_defaults=StructuredDefaults("fluctuation", "global", bias_compensation=True),
+        ),
     )
 }
 

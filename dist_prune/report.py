@@ -32,6 +32,7 @@ MASK_FIGSIZE = (5.0, 5.0)
 STRUCTURE_FIGSIZE = (8.0, 5.0)
 MASK_CROP = 256
 PERPLEXITY, SPARSITY, MASKS, STRUCTURE, TIMINGS = "Perplexity", "Sparsity per layer", "Masks", "Structure", "Timings"
+RECOVERY = "Recovery"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ def draw_plots(out_dir: Path, report: dict) -> list[Plot]:
     if report.get("structure"):
         path = plot_structure(report["structure"], out_dir / "report-structure.png")
         plots.append(Plot(STRUCTURE, "kept heads and channels", path))
+    curve = (report.get("recovery") or {}).get("curve")
+    if curve:
+        path = plot_recovery_curve(curve, report["perplexity"].get("dense"), out_dir / "report-recovery.png")
+        plots.append(Plot(RECOVERY, "perplexity against recovery tokens", path))
     return plots
 
 
@@ -145,6 +150,17 @@ def plot_perplexity(perplexities: dict[str, float], path: Path) -> Path:
     return _save(figure, path)
 
 
+def plot_recovery_curve(curve: list[dict], dense: float | None, path: Path) -> Path:
+    figure = _new_figure(PERPLEXITY_FIGSIZE)
+    ax = figure.add_subplot()
+    ax.plot([p["tokens"] for p in curve], [p["perplexity"] for p in curve], marker="o", color="tab:orange")
+    if dense is not None:
+        ax.axhline(dense, color="tab:gray", linestyle="--", label="dense")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="recovery tokens", ylabel="perplexity", title="Recovery", yscale="log")
+    return _save(figure, path)
+
+
 def plot_mask(ref: TensorRef, path: Path, crop: int = MASK_CROP) -> Path:
     """A top-left crop of the mask, pruned weights black: row and column patterns show as stripes."""
     pruned = (read_crop(ref, crop, crop) == 0).numpy()
@@ -182,6 +198,7 @@ def render_markdown(report: dict, plots: list[Plot]) -> str:
         (SPARSITY, _sparsity_table(report)),
         (MASKS, ""),
         (STRUCTURE, ""),
+        (RECOVERY, _recovery_text(report)),
         (TIMINGS, _timings_table(report)),
     ):
         images = [f"![{plot.caption}]({plot.path.name})" for plot in plots if plot.section == title]
@@ -209,6 +226,20 @@ def _overview(report: dict) -> str:
         rows.append(("peak RSS", f"{report['peak_rss_mib']:,} MiB"))
     title = f"# Pruning report: {report['method']}, {report['pattern']}"
     return title + "\n\n" + _markdown_table(["", ""], rows)
+
+
+def _recovery_text(report: dict) -> str:
+    r = report.get("recovery")
+    if not r:
+        return ""
+    lines = [
+        f"{r['steps']} steps of {r['batch_size']} windows ({r['tokens']:,} tokens; {r['data']}); rank-{r['rank']} "
+        f"adapters, {r['groups']}; lr {r['lr']} ({r['schedule']}).",
+    ]
+    if r.get("curve"):
+        lines += ["", "| recovery tokens | perplexity |", "|---|---|"]
+        lines += [f"| {p['tokens']:,} | {p['perplexity']:.2f} |" for p in r["curve"]]
+    return "\n".join(lines)
 
 
 def _perplexity_text(report: dict) -> str:

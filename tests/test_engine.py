@@ -34,7 +34,7 @@ RUNS = {  # name -> prune settings; patterns need widths divisible by M (48 and 
 }
 RESIDENCIES = ("stream", "resident")
 # Structured pruning on the same engine: sharded scores, a rebuilt smaller sharded model, sharded recovery.
-STRUCTURED = {"method": "saap"}
+STRUCTURED = {name: {"method": name} for name in ("saap", "flap")}
 STRUCTURED_SETTINGS = {"ratio": 0.3, "protect_first": 0, "protect_last": 1, "recover_steps": 2}
 CALIBRATION = {"nsamples": 5, "seqlen": 32, "seed": 0, "batch_size": 2}
 EVALUATION = {"eval_seqlen": 32, "eval_windows": 5}
@@ -56,7 +56,7 @@ def run_config(model: Path, out: Path, text: Path, settings: dict, residency: st
             "model": str(model),
             "out": str(out),
             "prune": settings,
-            "structured": STRUCTURED_SETTINGS if settings == STRUCTURED else {},
+            "structured": STRUCTURED_SETTINGS if settings in STRUCTURED.values() else {},
             "calibration": dict(CALIBRATION, calib_source=str(text)),
             "evaluation": dict(EVALUATION, eval_text=str(text)),
             "runtime": runtime,
@@ -70,7 +70,7 @@ def all_runs() -> list[tuple[str, dict, str]]:
     runs = [
         (f"{name}-{residency}", settings, residency) for name, settings in RUNS.items() for residency in RESIDENCIES
     ]
-    return runs + [("saap", STRUCTURED, "resident")]
+    return runs + [(name, settings, "resident") for name, settings in STRUCTURED.items()]
 
 
 def run_configs(model: Path, out: Path, text: Path) -> list:
@@ -178,11 +178,12 @@ def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.parametrize("name", STRUCTURED)
 @pytest.mark.parametrize("world", [2, 3])
-def test_structured_pruning_does_not_depend_on_the_number_of_workers(outputs, world):
+def test_structured_pruning_does_not_depend_on_the_number_of_workers(outputs, world, name):
     """Same heads and channels removed (group scores summed over row shards), the same recovered weights up
-    to float summation order, the same perplexities."""
-    single, many = outputs[1] / "saap", outputs[world] / "saap"
+    to float summation order (FLAP's compensation biases too), the same perplexities."""
+    single, many = outputs[1] / name, outputs[world] / name
     report_1, report_w = (json.loads((p / "prune_report.json").read_text()) for p in (single, many))
     assert report_w["structure"] == report_1["structure"]
     assert report_w["parameters"] == report_1["parameters"]

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from test_bad_input import prune_args
 from test_user_files import refused
 
+from dist_prune.cli import main
+
 WEIGHTS = "model.safetensors"
 
 
@@ -86,7 +88,6 @@ CHECKPOINTS = {  # name -> (how to break a copy of the tiny model, what the one 
     "config not utf-8": (config_not_utf8, "not valid JSON"),
     "config without sizes": (config_without_sizes, "hidden_size must be a positive integer"),
     "int8 dtype": (lambda m: edit_config(m, dtype="int8"), "dtype 'int8'"),
-    "biases": (lambda m: edit_config(m, attention_bias=True), "biases"),
     "kv heads not dividing": (lambda m: edit_config(m, num_key_value_heads=3), "num_key_value_heads"),
     "header is a list": (header_is_a_list, "corrupt header"),
     "overlapping offsets": (header_overlaps, "overlap"),
@@ -121,6 +122,24 @@ def test_malformed_checkpoint_is_refused_by_every_command(case, model, text_file
     refused(capsys, ["plan", "--model", str(model)], tmp_path, phrase)
     if case not in INSPECT_REPORTS:
         refused(capsys, ["inspect", str(model)], tmp_path, phrase)
+
+
+def test_biases_are_evaluated_only_when_the_files_hold_them(model, text_file, tmp_path, capsys):
+    """A LLaMA with attention_bias: prune and grad refuse it (pruning biased LLaMAs is not supported), eval takes
+    it (FLAP writes such checkpoints); a config that claims biases its files lack is refused, where transformers
+    would fill them with random values."""
+    from conftest import write_tiny_llama
+
+    biased = write_tiny_llama(tmp_path / "biased", attention_bias=True, mlp_bias=True)
+    refused(capsys, prune_args(biased, tmp_path / "out", text_file), tmp_path, "with biases is not supported")
+    grad = ["--quiet", "grad", "--model", str(biased), "--out", str(tmp_path / "g.safetensors"),
+            "--nsamples", "2", "--seqlen", "16", "--calib-source", str(text_file)]  # fmt: skip
+    refused(capsys, grad, tmp_path, "with biases is not supported")
+    evaluate = ["eval", "--text", str(text_file), "--seqlen", "32", "--windows", "1", "--json"]
+    assert main([*evaluate, "--model", str(biased)]) == 0
+    capsys.readouterr()
+    edit_config(model, attention_bias=True)
+    refused(capsys, [*evaluate, "--model", str(model)], tmp_path, "has no tensor model.layers.0.self_attn.")
 
 
 @pytest.mark.parametrize(

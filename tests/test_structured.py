@@ -14,7 +14,7 @@ from dist_prune.cli import main
 from dist_prune.distributed import Workers
 from dist_prune.distributed.sharded_model import rebuild_nonpersistent_buffers
 from dist_prune.errors import ConfigError
-from dist_prune.structured.allocation import Module, allocate, solve_ratios
+from dist_prune.structured.allocation import Module, allocate, solve_ratios, threshold_ratios
 from dist_prune.structured.groups import (
     ATTENTION,
     COLUMN_MODULES,
@@ -24,6 +24,7 @@ from dist_prune.structured.groups import (
     LayerShape,
     Steps,
     check_gqa,
+    compensation_bias,
     group_sums,
     kept_lines,
     layer_keep,
@@ -32,10 +33,20 @@ from dist_prune.structured.groups import (
     slice_weight,
     unit_sums,
 )
-from dist_prune.structured.importance import element_scores, finish_measures, fuse, group_measures, instability
+from dist_prune.structured.importance import (
+    channel_variance,
+    element_scores,
+    finish_measures,
+    fluctuation_channels,
+    fluctuation_scores,
+    fuse,
+    group_measures,
+    instability,
+)
 from dist_prune.structured.recovery import LowRankAdapter, recover
 from dist_prune.structured.surgery import (
     build_on_meta,
+    compensate_layer_state,
     kept_sizes,
     layer_shape,
     output_config,
@@ -154,6 +165,29 @@ def test_fusion_divides_each_measure_by_its_mean_and_averages():
     torch.testing.assert_close(fused, torch.tensor([1.0, 1.0]))
 
 
+def test_fusion_weights_are_the_inverse_squared_instability_of_each_measure():
+    from dist_prune.structured.scoring import measure_weights
+
+    def batch(vector: float, element: float) -> dict:
+        units = {"vector": torch.tensor([vector, 2.0]), "element": torch.tensor([element, 2.0])}
+        return {(0, kind): dict(units, activation=torch.tensor([1.0, 1.0])) for kind in (ATTENTION, MLP)}
+
+    # unit 0 across two batches: vector 1 and 3 (cv 0.5), element 1.5 and 2.5 (cv 0.25), unit 1 constant;
+    # activation constant -> cv 0: the instability is undefined, so every weight is 1
+    weights = measure_weights([batch(1.0, 1.5), batch(3.0, 2.5)])
+    assert weights == dict.fromkeys(weights, 1.0)
+    unstable = [batch(1.0, 1.5), batch(3.0, 2.5)]
+    for b, activation in zip(unstable, (1.0, 3.0), strict=True):
+        for key in b:
+            b[key]["activation"] = torch.tensor([activation, activation])
+    weights = measure_weights(unstable)  # mean cv: vector 0.25, element 0.125, activation 0.5
+    assert weights[(MLP, "vector")] == pytest.approx(16.0)
+    assert weights[(MLP, "element")] == pytest.approx(64.0)
+    assert weights[(ATTENTION, "activation")] == pytest.approx(4.0)
+    fused = fuse({"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([4.0, 0.0])}, {"a": 3.0, "b": 1.0})
+    torch.testing.assert_close(fused, torch.tensor([(3 * 0.5 + 2.0) / 4, (3 * 1.5 + 0.0) / 4]))
+
+
 def test_instability_is_the_mean_coefficient_of_variation():
     batches = torch.tensor([[1.0, 2.0], [3.0, 2.0]])  # unit 0: mean 2, std 1 -> 0.5; unit 1: constant -> 0
     assert instability(batches) == pytest.approx(0.25)
@@ -171,59 +205,123 @@ def test_adaptive_ratios_follow_instability():
     modules = [mlp_module(0, 1.0), mlp_module(1, 4.0)]
     # weights u / mean(u) = 0.4, 1.6; 10 removed = lam * (0.4 + 1.6) * 10 -> lam = 0.5 -> ratios 0.2, 0.8
     assert solve_ratios(modules, [0.4, 1.6], 10) == pytest.approx([0.2, 0.8])
-    assert allocate(modules, 10, adaptive=True) == [2, 8]
+    assert allocate(modules, 10, "adaptive") == [2, 8]
 
 
 def test_adaptive_ratio_caps_and_redistributes():
     modules = [mlp_module(0, 1.0), mlp_module(1, 9.0)]  # weights 0.2, 1.8
     # unconstrained 12 -> lam = 0.6 -> 1.08 > cap 0.9: module 1 takes 9, module 0 the other 3
-    assert allocate(modules, 12, adaptive=True) == [3, 9]
+    assert allocate(modules, 12, "adaptive") == [3, 9]
 
 
 def test_uniform_gives_every_module_the_same_count():
     modules = [mlp_module(0, 1.0), mlp_module(1, 9.0)]
-    assert allocate(modules, 12, adaptive=False) == [6, 6]
+    assert allocate(modules, 12, "uniform") == [6, 6]
 
 
 def test_attention_rounds_first_and_mlp_absorbs_the_rest():
     attention = Steps(count=3, removable=2, params=100)
     modules = [Module(0, ATTENTION, attention, 1.0), mlp_module(0, 1.0, count=1000)]
     # equal ratio r: 300 r + 1000 r = 260 -> r = 0.2 -> 0.6 attention steps -> 1 (100 params); MLP takes 160
-    assert allocate(modules, 260, adaptive=True) == [1, 160]
+    assert allocate(modules, 260, "adaptive") == [1, 160]
 
 
 def test_a_target_beyond_capacity_is_refused():
     with pytest.raises(ConfigError):
-        allocate([mlp_module(0, 1.0)], 10, adaptive=True)
+        allocate([mlp_module(0, 1.0)], 10, "adaptive")
+
+
+# --- FLAP: fluctuation metric, global allocation, bias compensation ------------------------------------------
+
+
+def slow_wifv(W: torch.Tensor, X: torch.Tensor) -> list[float]:
+    """S_j = Var(X_j) * sum_i W_ij^2, one channel at a time in fp64 (population variance over the tokens)."""
+    W, X = W.double(), X.double()
+    scores = []
+    for j in range(W.shape[1]):
+        column = X[:, j]
+        variance = sum((float(x) - float(column.mean())) ** 2 for x in column) / len(column)
+        scores.append(variance * sum(float(w) ** 2 for w in W[:, j]))
+    return scores
+
+
+def test_fluctuation_metric_matches_the_slow_formula_and_row_shards_add_up():
+    torch.manual_seed(0)
+    X = torch.randn(50, 6) * torch.tensor([0.1, 1.0, 2.0, 0.5, 3.0, 1.5]) + 4.0  # (tokens, in): large means
+    W = torch.randn(5, 6)
+    variance = channel_variance(X.double().sum(0), X.double().square().sum(0), X.shape[0])
+    whole = fluctuation_channels(W, variance)
+    torch.testing.assert_close(whole.double(), torch.tensor(slow_wifv(W, X), dtype=torch.float64), rtol=1e-5, atol=0)
+    parts = fluctuation_channels(W[:2], variance) + fluctuation_channels(W[2:], variance)
+    torch.testing.assert_close(parts, whole)
+
+
+def test_fluctuation_scores_standardise_per_layer_and_average_heads():
+    """Attention: square the channel metric, z-score it over the layer (Bessel's std), mean per query head."""
+    channels = torch.arange(1.0, 19.0)  # GQA: 9 query heads of head_dim 2 -> 18 o_proj inputs
+    squared = [c * c for c in channels.tolist()]
+    mean = sum(squared) / 18
+    std = (sum((v - mean) ** 2 for v in squared) / 17) ** 0.5
+    z = [(v - mean) / std for v in squared]
+    expected = [(z[2 * h] + z[2 * h + 1]) / 2 for h in range(9)]
+    got = fluctuation_scores(channels, ATTENTION, GQA, "query_heads")
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    kv = fluctuation_scores(channels, ATTENTION, GQA, "kv_group")  # a KV group: its 3 heads' 6 channels
+    torch.testing.assert_close(kv, torch.tensor([sum(z[6 * g : 6 * g + 6]) / 6 for g in range(3)]))
+    mlp = fluctuation_scores(torch.tensor([1.0, 2.0, 3.0, 6.0]), MLP, GQA, "query_heads")
+    torch.testing.assert_close(mlp, (torch.tensor([1.0, 2.0, 3.0, 6.0]) - 3.0) / torch.tensor(14.0 / 3).sqrt())
+
+
+def test_global_threshold_weighs_each_unit_by_the_parameters_it_removes():
+    heads = Module(0, ATTENTION, Steps(count=2, removable=1, params=10), 0.0)  # 2 units of 10 parameters
+    mlp = Module(0, MLP, Steps(count=4, removable=3, params=1), 0.0)  # 4 units of 1
+    scores = [torch.tensor([-1.0, 2.0]), torch.tensor([-2.0, -0.5, 0.5, 3.0])]
+    # ascending: mlp0 (1), head0 (11), mlp1 (12), mlp2 (13), ...: a target of 12 cuts after mlp1
+    assert threshold_ratios([heads, mlp], scores, 12) == [0.5, 0.5]
+    assert threshold_ratios([heads, mlp], scores, 2) == [0.0, 0.25]  # |1 - 2| < |11 - 2|
+    assert allocate([heads, mlp], 12, "global", scores) == [1, 2]
+
+
+def test_compensation_bias_is_the_removed_columns_times_their_mean():
+    torch.manual_seed(0)
+    W, mean = torch.randn(3, 10), torch.randn(10)
+    keep = LayerKeep(query_heads=(0,), kv_heads=(0,), channels=(0, 2, 3, 7))
+    expected = [sum(float(W[i, j] * mean[j]) for j in range(10) if j not in keep.channels) for i in range(3)]
+    torch.testing.assert_close(compensation_bias("mlp.down_proj", W, mean, keep, 2), torch.tensor(expected))
 
 
 # --- calibration pass -------------------------------------------------------------------------------------
 
 
 def test_calibration_sums_are_total_gradient_and_per_sample_squares(tiny_llama):
-    """The layer-wise pass as structured scoring asks for it, at one worker (tests/test_distributed.py runs the
-    pass at 2 and 3 against the same loop), kept as the worker's FSDP rows."""
+    """The layer-wise passes as structured scoring asks for them, at one worker (tests/test_distributed.py runs
+    the gradient pass at 2 and 3 against the same loop), kept as the worker's FSDP rows: the gradient pass for
+    the gradient measures, the forward-only pass for fluctuation; both sum x and x^2 of the inputs."""
     from dist_prune.checkpoint import inspect_checkpoint
     from dist_prune.distributed import init_workers, load_sharded_model, teardown
     from dist_prune.distributed.residency import StreamStore
-    from dist_prune.structured.scoring import GradientSource, batch_sums
+    from dist_prune.structured.scoring import CalibrationSource, batch_sums
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     windows = torch.randint(0, 49152, (3, 16), generator=torch.Generator().manual_seed(0))
     workers = init_workers(0, 1)
     try:
         sharded = load_sharded_model(inspect_checkpoint(tiny_llama), workers)
-        source = GradientSource(StreamStore(inspect_checkpoint(tiny_llama)), sharded.config, torch.float32)
-        sums = batch_sums(sharded, source, windows, [1], workers)
+        source = CalibrationSource(StreamStore(inspect_checkpoint(tiny_llama)), sharded.config, torch.float32)
+        sums = batch_sums(sharded, source, windows, [1], "fused", workers)
+        moments = batch_sums(sharded, source, windows, [1], "fluctuation", workers)
     finally:
         teardown()
     assert all(name.startswith("model.layers.1.") for name in sums.plain)
     name = "model.layers.1.mlp.down_proj.weight"
     weight = dict(model.named_parameters())[name]
-    per_sample, inputs = [], []
-    hook = model.get_submodule("model.layers.1.mlp.down_proj").register_forward_hook(
-        lambda _m, args, _o: inputs.append(args[0].detach().square().sum(dim=(0, 1)))
-    )
+    per_sample, squares, totals = [], [], []
+
+    def record(_module, args, _output):
+        squares.append(args[0].detach().square().sum(dim=(0, 1)))
+        totals.append(args[0].detach().sum(dim=(0, 1)))
+
+    hook = model.get_submodule("model.layers.1.mlp.down_proj").register_forward_hook(record)
     for sequence in windows:
         model.zero_grad()
         weight.requires_grad_(True)
@@ -232,8 +330,14 @@ def test_calibration_sums_are_total_gradient_and_per_sample_squares(tiny_llama):
     hook.remove()
     torch.testing.assert_close(sums.plain[name], sum(per_sample))
     torch.testing.assert_close(sums.power[name], sum(g.square() for g in per_sample))
-    torch.testing.assert_close(sums.input_sq[name], sum(inputs))  # counted once per sequence
-    assert sums.sequences == 3
+    for found in (sums, moments):  # counted once per sequence
+        torch.testing.assert_close(found.input_sq[name].float(), sum(squares))
+        torch.testing.assert_close(found.input_sum[name].float(), sum(totals))
+        assert (found.sequences, found.tokens) == (3, 48)
+    assert not moments.power and set(moments.input_sum) == {
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    }
 
 
 # --- physical removal -------------------------------------------------------------------------------------
@@ -288,6 +392,64 @@ def test_sliced_model_equals_masked_model(tiny_llama, mode):
     assert layer_shape(decoder_layers(pruned)[0]).num_kv_heads == (1 if mode == "kv_group" else 2)
 
 
+def test_compensated_pruned_model_equals_masked_model_plus_bias(tiny_llama):
+    """With compensation, the sliced model with its o_proj / down_proj biases is the masked model whose
+    removed channels' mean contribution W[:, removed] @ mean is added to those outputs (stock Llama with
+    attention_bias and mlp_bias; the other projections' biases are zero)."""
+    masked = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    keeps = random_keeps(masked, "query_heads", seed=3)
+    shapes = [layer_shape(layer) for layer in decoder_layers(masked)]
+    generator = torch.Generator().manual_seed(4)
+    means = {
+        index: {
+            "self_attn.o_proj": torch.randn(shapes[index].num_heads * TINY.head_dim, generator=generator),
+            "mlp.down_proj": torch.randn(shapes[index].intermediate, generator=generator),
+        }
+        for index in keeps
+    }
+    state = {name: t.clone() for name, t in masked.state_dict().items()}  # masking below is in place
+    output = output_config(masked.config.to_dict(), kept_sizes(shapes, keeps), TINY.head_dim, biases=True)
+    pruned = build_on_meta(output)
+    for index, keep in keeps.items():
+        prefix = f"model.layers.{index}."
+        layer_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        compensated = compensate_layer_state(layer_state, keep, TINY.head_dim, means[index])
+        state.update({prefix + k: v for k, v in slice_layer_state(compensated, keep, TINY.head_dim).items()})
+        layer = decoder_layers(masked)[index]
+        mask_layer_(layer, keep)
+        for module in COLUMN_MODULES:  # the masked model's plus the bias, computed independently here
+            linear = layer.get_submodule(module)
+            dropped = torch.ones(linear.in_features, dtype=torch.bool)
+            dropped[kept_lines(module, keep, TINY.head_dim)] = False
+            original = layer_state[f"{module}.weight"]
+            bias = (original * dropped.float()[None, :]) @ means[index][module]
+            linear.bias = torch.nn.Parameter(bias)
+    absent = [name for name, _ in pruned.named_parameters() if name.endswith("bias") and name not in state]
+    pruned.load_state_dict(
+        state | {name: torch.zeros(pruned.get_parameter(name).shape) for name in absent}, assign=True, strict=False
+    )
+    pruned.tie_weights()
+    rebuild_nonpersistent_buffers(pruned.eval(), torch.device("cpu"))
+    assert output["attention_bias"] and output["mlp_bias"]
+    tokens = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=tokens).logits, masked(input_ids=tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_recovery_windows_use_every_window_once_per_epoch():
+    from dist_prune.data import recovery_windows
+
+    tokens = torch.arange(100)
+    windows = recovery_windows(tokens, 25, 8, seed=0)  # 12 windows of 8 tokens: two epochs and one more
+    assert windows.shape == (25, 8)
+    starts = windows[:, 0].tolist()
+    assert all(int(w[0]) % 8 == 0 and torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 8)) for w in windows)
+    assert sorted(starts[:12]) == sorted(starts[12:24]) == list(range(0, 96, 8))  # each window once per epoch
+    assert starts[:12] != starts[12:24]  # a new order each epoch
+    assert torch.equal(recovery_windows(tokens, 25, 8, seed=0), windows)
+    assert not torch.equal(recovery_windows(tokens, 25, 8, seed=1), windows)
+
+
 def test_adapter_merge_is_exact():
     torch.manual_seed(0)
     adapter = LowRankAdapter(torch.nn.Linear(6, 5, bias=False), rank=2)
@@ -334,12 +496,12 @@ def small_model(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("saap") / "tiny-4", layers=4)
 
 
-def run_saap(model: Path, out: Path, text_file: Path, *extra: str) -> dict:
+def run_saap(model: Path, out: Path, text_file: Path, *extra: str, method: str = "saap") -> dict:
     argv = [
         "--quiet",
         "prune",
         "--method",
-        "saap",
+        method,
         "--model",
         str(model),
         "--out",
@@ -384,6 +546,9 @@ def test_cli_adaptive_with_recovery_writes_a_smaller_bundled_checkpoint(small_mo
         "1",
         "--recover-steps",
         "2",
+        "--recover-eval-every",
+        "1",
+        "--no-bias-compensation",  # the parameter target is exact without the added biases (tested with flap)
     )
     p = report["parameters"]
     assert p["decoder_layers_after"] < p["decoder_layers_before"] and p["model_after"] < p["model_before"]
@@ -395,6 +560,10 @@ def test_cli_adaptive_with_recovery_writes_a_smaller_bundled_checkpoint(small_mo
         assert entry["heads_kept"] % entry["kv_heads_kept"] == 0
     assert set(report["perplexity"]) >= {"dense", "before_recovery", "pruned"}
     assert len(report["recovery"]["losses"]) == 2
+    curve = report["recovery"]["curve"]  # step 0 is the pruned model; batches of 4 windows of 32 tokens
+    assert [(point["step"], point["tokens"]) for point in curve] == [(0, 0), (1, 128), (2, 256)]
+    assert curve[0]["perplexity"] == report["perplexity"]["before_recovery"]
+    assert curve[-1]["perplexity"] == pytest.approx(report["perplexity"]["pruned"], rel=1e-4)  # merged = attached
     assert report["checkpoint_form"].startswith("bundled")
     assert (out / "modeling_pruned_llama.py").is_file() and (out / "report.md").is_file()
     assert not any(k.endswith((".A", ".B")) or ".base." in k for k in stored_keys(out))  # adapters merged
@@ -463,6 +632,37 @@ def test_saved_checkpoint_equals_the_in_memory_pruned_model(small_model, text_fi
     evaluate = ["eval", "--model", str(out), "--text", str(text_file), "--seqlen", "64", "--windows", "2", "--json"]
     assert main(evaluate) == 2
     assert main([*evaluate, "--trust-remote-code"]) == 0
+
+
+def test_flap_writes_a_stock_llama_with_compensation_biases(small_model, text_file, tmp_path):
+    """Uniform FLAP over every layer: stock LlamaForCausalLM with attention_bias and mlp_bias, loaded without
+    trust_remote_code, reproducing the pipeline's perplexity; only o_proj and down_proj biases are non-zero."""
+    from safetensors import safe_open
+
+    from dist_prune.checkpoint import load_tokenizer
+    from dist_prune.data import evaluation_windows, load_text, tokenize
+    from dist_prune.metrics import perplexity
+
+    out = tmp_path / "flap"
+    flags = ("--ratio", "0.3", "--allocation", "uniform", "--protect-first", "0", "--protect-last", "0")
+    report = run_saap(small_model, out, text_file, *flags, method="flap")
+    assert (report["method"], report["importance"], report["bias_compensation"]) == ("flap", "fluctuation", True)
+    assert report["total_sparsity"] == pytest.approx(0.3, abs=0.02)
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_bias"] and config["mlp_bias"] and "auto_map" not in config
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    windows = evaluation_windows(tokenize(load_tokenizer(out), load_text(str(text_file), "evaluation")), 64, 2)
+    assert perplexity(loaded, windows) == pytest.approx(report["perplexity"]["pruned"], rel=1e-6)
+    index = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    biases = 0
+    for name, file in index.items():
+        if name.endswith(".bias"):
+            with safe_open(out / file, framework="pt") as f:
+                bias = f.get_tensor(name)
+            biases += bias.numel()
+            assert bool(bias.abs().sum() > 0) == name.endswith(("o_proj.bias", "down_proj.bias")), name
+    p = report["parameters"]  # the weights removed meet the target (uniform: to a channel per layer)
+    assert abs(p["removed"] + biases - p["target_removed"]) <= 3 * TINY.hidden * len(report["structure"])
 
 
 def test_protecting_every_layer_is_refused(small_model, text_file, tmp_path):

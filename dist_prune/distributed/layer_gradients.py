@@ -61,10 +61,6 @@ class Scratch:
         for file in self.dir.glob("*"):
             file.unlink()
 
-    def _clear(self) -> None:
-        for file in self.dir.glob("*"):
-            file.unlink()
-
     def save(self, name: str, tensors: dict[str, Tensor]) -> None:
         """Written whole or not at all (a kill mid-write leaves no half file to be reused)."""
         staged = self.dir / f"{name}.partial"
@@ -118,7 +114,7 @@ class GradientRequest:
     scale: float = 1.0
     norm: str = "l2"  # sum_n (scale * g_n)^2, or sum_n |scale * g_n| for "l1"
     plain: bool = False  # also sum_n g_n, unscaled (structured pruning's first-order Taylor term)
-    input_owners: tuple[str, ...] = ()  # Linears ("mlp.down_proj") whose input's sum_{n,t} x^2 is also summed
+    input_owners: tuple[str, ...] = ()  # Linears ("mlp.down_proj") whose input's sum_{n,t} x and x^2 are summed
     layers: frozenset[int] | None = None
 
 
@@ -129,6 +125,46 @@ class LayerSums:
     power: dict[str, Tensor]
     plain: dict[str, Tensor] = field(default_factory=dict)
     input_sq: dict[str, Tensor] = field(default_factory=dict)
+    input_sum: dict[str, Tensor] = field(default_factory=dict)
+
+    def all_reduce(self) -> None:
+        """Every worker's sequences, in place, in one collective (unique names across the kinds of sums)."""
+        kinds = {"power": self.power, "plain": self.plain, "input": self.input_sq, "input_sum": self.input_sum}
+        all_reduce_in_order({f"{kind}:{name}": t for kind, sums in kinds.items() for name, t in sums.items()})
+
+
+def layerwise_input_moments(
+    store,
+    model_config,
+    windows: Tensor,
+    owners: tuple[str, ...],
+    layers: frozenset[int],
+    workers: Workers,
+    dtype: torch.dtype,
+    on_layer: Callable[[int, LayerSums], None],
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Forward only, the dense model one layer at a time (FLAP's statistics): calls `on_layer(index, sums)` with
+    the fp64 sums over every worker's sequences of x and x^2 of the inputs of `owners`, for each of `layers`,
+    from the bottom up (`power` empty). One progress step per layer up to the highest asked.
+
+    windows: (N, T), the same on every worker, of which this worker uses its `local_share`."""
+    _, hidden, kwargs = _my_first_inputs(store, model_config, windows, workers, dtype)
+    for index in range(max(layers) + 1):
+        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
+        sums = LayerSums(power={})
+        handles = _hook_inputs(layer, index, owners, sums) if index in layers else []
+        try:
+            with torch.no_grad():
+                hidden = [_output(layer(h, **kwargs)) for h in hidden]
+        finally:
+            for handle in handles:
+                handle.remove()
+        del layer
+        if index in layers:
+            sums.all_reduce()
+            on_layer(index, sums)
+        _advance(progress)
 
 
 def layerwise_gradient_pass(
@@ -146,11 +182,7 @@ def layerwise_gradient_pass(
     round them once), from the top layer down; returns the mean calibration loss. Two progress steps per layer.
 
     windows: (N, T), the same on every worker, of which this worker uses its `local_share`."""
-    mine = local_share(windows.shape[0], workers.rank, workers.world_size)
-    tokens = windows[mine.start : mine.stop].to(workers.device)
-    embedding = store.read([EMBEDDING])[EMBEDDING].to(workers.device)
-    hidden, kwargs = _embed(Stem(model_config, embedding, dtype), tokens)
-    del embedding
+    tokens, hidden, kwargs = _my_first_inputs(store, model_config, windows, workers, dtype)
     asked = set(range(store.num_layers) if request.layers is None else request.layers)
     for index in range(store.num_layers):
         layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
@@ -172,13 +204,7 @@ def layerwise_gradient_pass(
         wanted = request if index in asked else None
         sums, grads = _layer_sums(layer, index, inputs, grads, kwargs, wanted, need_input_grad=index > lowest)
         if sums is not None:
-            all_reduce_in_order(
-                {
-                    **_prefixed("power", sums.power),
-                    **_prefixed("plain", sums.plain),
-                    **_prefixed("input", sums.input_sq),
-                }
-            )
+            sums.all_reduce()
             on_layer(index, sums)
         del layer, sums  # before the next layer is read: one layer in memory, not two
         _advance(progress)
@@ -192,9 +218,14 @@ def _advance(progress: Callable[[], None] | None) -> None:
         progress()
 
 
-def _prefixed(kind: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Unique names across the kinds of sums, for one all-reduce of all of them (same objects: in place)."""
-    return {f"{kind}:{name}": t for name, t in tensors.items()}
+def _my_first_inputs(store, model_config, windows: Tensor, workers: Workers, dtype: torch.dtype):
+    """This worker's share of the windows, layer 0's input for each of its sequences, and the shared keyword
+    arguments; the embedding is read, used and dropped."""
+    mine = local_share(windows.shape[0], workers.rank, workers.world_size)
+    tokens = windows[mine.start : mine.stop].to(workers.device)
+    embedding = store.read([EMBEDDING])[EMBEDDING].to(workers.device)
+    hidden, kwargs = _embed(Stem(model_config, embedding, dtype), tokens)
+    return tokens, hidden, kwargs
 
 
 def _embed(stem: Stem, tokens: Tensor) -> tuple[list[Tensor], dict]:
@@ -246,12 +277,7 @@ def _layer_sums(
                 plain = sums.plain[weight_name] = torch.zeros_like(power)
             weight.requires_grad_(True)
             handles.append(weight.register_post_accumulate_grad_hook(_accumulate_into(power, plain, request)))
-        for owner in request.input_owners:
-            linear = layer.get_submodule(owner)
-            total = sums.input_sq[linear_weight_name(index, owner)] = torch.zeros(
-                linear.in_features, dtype=torch.float64, device=linear.weight.device
-            )
-            handles.append(linear.register_forward_hook(_input_square_into(total)))
+        handles += _hook_inputs(layer, index, request.input_owners, sums)
     below = []
     try:
         for x, grad_out in zip(inputs, grads, strict=True):
@@ -278,8 +304,22 @@ def _accumulate_into(power: Tensor, plain: Tensor | None, request: GradientReque
     return hook
 
 
-def _input_square_into(total: Tensor):
+def _hook_inputs(layer, index: int, owners: tuple[str, ...], sums: LayerSums) -> list:
+    """Forward hooks adding sum_{n,t} x^2 and sum_{n,t} x of each owner's input into `sums` (fp64)."""
+    handles = []
+    for owner in owners:
+        linear = layer.get_submodule(owner)
+        name = linear_weight_name(index, owner)
+        for totals in (sums.input_sq, sums.input_sum):
+            totals[name] = torch.zeros(linear.in_features, dtype=torch.float64, device=linear.weight.device)
+        handles.append(linear.register_forward_hook(_input_moments_into(sums.input_sq[name], sums.input_sum[name])))
+    return handles
+
+
+def _input_moments_into(square_total: Tensor, total: Tensor):
     def hook(_module, args: tuple, _output) -> None:
-        total.add_(args[0].detach().float().square().sum(dim=(0, 1)))
+        x = args[0].detach().float()
+        square_total.add_(x.square().sum(dim=(0, 1)))
+        total.add_(x.sum(dim=(0, 1)))
 
     return hook

@@ -1,16 +1,21 @@
-"""Per-module pruning amounts that remove a total number of parameters, uniformly or adaptively.
+"""Per-module pruning amounts that remove a total number of parameters: uniformly, adaptively, or globally.
 
 A module is the attention or the MLP of one unprotected layer. Adaptive: its ratio is proportional to its
 importance instability relative to the other modules of the same kind (the least stable structures go
 first), r_l = min(cap_l, lam * u_l / mean_kind(u)), with lam solved so that the removed parameters equal
-the target. Uniform: every module the same ratio. Then whole steps (groups.Steps): attention steps are coarse,
-so they are rounded to the nearest first, and the MLPs, whose steps are single channels, absorb the
-difference; the total misses the target by at most about one channel per module (uniform) or one channel
-overall (adaptive).
+the target. Uniform: every module the same ratio. Global (FLAP): every unit of every module in one list,
+ranked by its standardised score, each weighing the parameters it removes; the lowest go until the target is
+reached, and each module's ratio is the share of its units that went. Then whole steps (groups.Steps):
+attention steps are coarse, so they are rounded to the nearest first, and the MLPs, whose steps are single
+channels, absorb the difference; the total misses the target by at most about one channel per module
+(uniform) or one channel overall (adaptive, global).
 """
 
 import math
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from ..errors import ConfigError
 from .groups import ATTENTION, MLP, Steps
@@ -31,18 +36,32 @@ class Module:
         return self.steps.removable * self.steps.params
 
 
-def allocate(modules: list[Module], target_params: int, adaptive: bool) -> list[int]:
-    """Steps removed per module (same order as `modules`), removing about `target_params` parameters."""
+def allocate(modules: list[Module], target_params: int, rule: str, scores: list[Tensor] | None = None) -> list[int]:
+    """Steps removed per module (same order as `modules`), removing about `target_params` parameters.
+
+    rule: "uniform", "adaptive" or "global" (which needs each module's unit `scores`)."""
     check_capacity(modules, target_params)
-    weights = instability_weights(modules) if adaptive else [1.0] * len(modules)
-    ratios = solve_ratios(modules, weights, target_params)
+    if rule == "global":
+        assert scores is not None
+        ratios = threshold_ratios(modules, scores, target_params)
+        weights = ratios  # the MLPs share what attention's rounding leaves in these proportions
+    else:
+        weights = instability_weights(modules) if rule == "adaptive" else [1.0] * len(modules)
+        ratios = solve_ratios(modules, weights, target_params)
+    return whole_steps(modules, ratios, weights, target_params, equal=rule == "uniform")
+
+
+def whole_steps(
+    modules: list[Module], ratios: list[float], weights: list[float], target_params: int, equal: bool
+) -> list[int]:
+    """Ratios -> whole steps: attention rounded to the nearest step, the MLPs absorbing the difference."""
     counts = [0] * len(modules)
     attention = [i for i, m in enumerate(modules) if m.kind == ATTENTION]
     for i in attention:
         counts[i] = min(modules[i].steps.removable, round(ratios[i] * modules[i].steps.count))
     left = target_params - sum(counts[i] * modules[i].steps.params for i in attention)
     mlp = [i for i, m in enumerate(modules) if m.kind == MLP]
-    mlp_counts = mlp_steps([modules[i] for i in mlp], [weights[i] for i in mlp], left, equal=not adaptive)
+    mlp_counts = mlp_steps([modules[i] for i in mlp], [weights[i] for i in mlp], left, equal)
     for i, count in zip(mlp, mlp_counts, strict=True):
         counts[i] = count
     return counts
@@ -65,6 +84,21 @@ def instability_weights(modules: list[Module]) -> list[float]:
         mean = sum(same_kind) / len(same_kind)
         weights.append(m.instability / mean if mean > 0 else 1.0)
     return weights
+
+
+def threshold_ratios(modules: list[Module], scores: list[Tensor], target_params: int) -> list[float]:
+    """FLAP's global cut: units of all modules ranked by score (lowest first, ties by position), each weighing
+    the parameters its removal saves; the shortest prefix whose weight is closest to the target goes. Returns
+    each module's share of removed units."""
+    unit_params = torch.cat(
+        [torch.full((len(s),), m.steps.params * m.steps.count / len(s), dtype=torch.float64) for m, s in zip(modules, scores, strict=True)]
+    )  # fmt: skip
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(scores)])
+    order = torch.sort(torch.cat([s.double() for s in scores]), stable=True).indices
+    removed = torch.cumsum(unit_params[order], dim=0)
+    cut = int(torch.argmin((removed - target_params).abs())) + 1
+    counts = torch.bincount(owner[order[:cut]], minlength=len(modules))
+    return [int(c) / len(s) for c, s in zip(counts, scores, strict=True)]
 
 
 def solve_ratios(modules: list[Module], weights: list[float], target_params: int) -> list[float]:

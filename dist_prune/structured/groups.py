@@ -174,3 +174,11 @@ def slice_weight(module: str, weight: Tensor, keep: LayerKeep, head_dim: int) ->
     """The weight with the removed rows or input columns physically gone."""
     lines = kept_lines(module, keep, head_dim).to(weight.device)
     return weight[:, lines] if module in COLUMN_MODULES else weight[lines]
+
+
+def compensation_bias(module: str, weight: Tensor, input_mean: Tensor, keep: LayerKeep, head_dim: int) -> Tensor:
+    """FLAP's bias compensation for a column module (o_proj, down_proj): W[:, removed] @ mean(X)[removed], the
+    removed input channels' mean contribution to the output, so the output's calibration mean is unchanged."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    removed[kept_lines(module, keep, head_dim).to(weight.device)] = False
+    return weight[:, removed].float() @ input_mean.to(weight.device).float()[removed]

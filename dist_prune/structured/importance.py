@@ -1,4 +1,5 @@
-"""Importance of coupled groups: three measures, their uncertainty-weighted fusion, and their stability.
+"""Importance of coupled groups: three gradient measures, their uncertainty-weighted fusion, their stability,
+and FLAP's fluctuation metric.
 
 W: a Linear weight (out, in); g = sum_n g_n, the gradient of the total calibration loss (g_n: sequence n's
 mean cross-entropy); F = sum_n g_n^2, the diagonal (empirical) Fisher from per-sequence gradients;
@@ -8,7 +9,7 @@ scaler_row[j] = (1/N) sum_{n,t} x_ntj^2 of the Linear's input. All maths in fp32
 import torch
 from torch import Tensor
 
-from .groups import MODULES, LayerShape, group_sums
+from .groups import MLP, MODULES, LayerShape, group_sums, num_units, unit_index
 
 MEASURES = ("vector", "element", "activation")
 
@@ -63,16 +64,21 @@ def finish_measures(sums: dict[str, Tensor]) -> dict[str, Tensor]:
     return {measure: values.abs() if measure == "vector" else values for measure, values in sums.items()}
 
 
-def fuse(measures: dict[str, Tensor]) -> Tensor:
-    """Homoscedastic-uncertainty fusion (Kendall et al. 2018) with sigma fitted in closed form.
+def fuse(measures: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
+    """Each measure divided by its mean, averaged with `weights` (equal when None).
 
-    Kendall's objective per measure is I_m / (2 sigma_m^2) + log sigma_m; its minimum over sigma_m is at
-    sigma_m^2 = I_m, and with one sigma per measure over all groups scored together, sigma_m^2 = mean(I_m).
-    Substituting gives sum_m I_m / (2 mean(I_m)) + const; this returns (1/M) sum_m I_m / mean(I_m), the same
-    ranking (a positive factor 2/M, and the constant sum of log sigma_m dropped).
+    With equal weights this is SAAP's homoscedastic-uncertainty fusion (Kendall et al. 2018) with sigma fitted in
+    closed form: the objective per measure is I_m / (2 sigma_m^2) + log sigma_m, minimal at sigma_m^2 = I_m,
+    and with one sigma per measure over all groups scored together sigma_m^2 = mean(I_m); substituting gives
+    sum_m I_m / (2 mean(I_m)) + const, ranked the same as this. `weights` add a second factor per measure (the
+    pipeline's: inverse squared instability across calibration batches, scoring.measure_weights).
     """
-    parts = [values / values.mean().clamp_min(torch.finfo(values.dtype).tiny) for values in measures.values()]
-    return torch.stack(parts).mean(dim=0)
+    weights = weights or dict.fromkeys(measures, 1.0)
+    total = sum(weights[m] for m in measures)
+    parts = [
+        weights[m] * values / values.mean().clamp_min(torch.finfo(values.dtype).tiny) for m, values in measures.items()
+    ]
+    return torch.stack(parts).sum(dim=0) / total
 
 
 def instability(batch_scores: Tensor) -> float:
@@ -81,3 +87,37 @@ def instability(batch_scores: Tensor) -> float:
     mean = batch_scores.mean(dim=0)
     std = batch_scores.std(dim=0, correction=0)
     return float((std / mean.abs().clamp_min(torch.finfo(mean.dtype).tiny)).mean())
+
+
+def channel_variance(input_sum: Tensor, input_sq: Tensor, tokens: int) -> Tensor:
+    """Var(X_j) of each input channel over all calibration tokens (population variance), from the fp64 sums
+    sum_t x_tj and sum_t x_tj^2 that merge across workers by addition."""
+    mean = input_sum.double() / tokens
+    return (input_sq.double() / tokens - mean.square()).clamp_min(0).float()
+
+
+def fluctuation_channels(W: Tensor, variance: Tensor) -> Tensor:
+    """FLAP's WIFV per input channel j of o_proj or down_proj: Var(X_j) * ||W[:, j]||^2, shape (in,).
+
+    W may be a row shard: the column norms are sums over rows, so the shards' vectors add up to the whole's."""
+    return W.float().square().sum(dim=0) * variance.float()
+
+
+def standardize(values: Tensor) -> Tensor:
+    """(x - mean) / std over the vector (std with Bessel's correction, as FLAP's reference code)."""
+    return (values - values.mean()) / values.std().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def fluctuation_scores(channels: Tensor, kind: str, shape: LayerShape, mode: str) -> Tensor:
+    """One layer's WIFV per channel -> one standardised score per unit, comparable across layers and modules.
+
+    MLP: each channel is a unit; its score is standardised over the layer's channels. Attention: FLAP squares
+    the channel metric, standardises it over the layer's o_proj inputs and averages it over each unit's
+    channels (a query head's head_dim, or a KV group's r heads)."""
+    if kind == MLP:
+        return standardize(channels.float())
+    standard = standardize(channels.float().square())
+    index = unit_index("self_attn.o_proj", shape, mode).to(channels.device)
+    units = num_units(kind, shape, mode)
+    totals = torch.zeros(units, device=channels.device).index_add_(0, index, standard)
+    return totals / torch.bincount(index, minlength=units)

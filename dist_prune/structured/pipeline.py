@@ -1,8 +1,9 @@
-"""SAAP-style structured pruning, the worker's job read top to bottom (every launcher runs it on every worker).
+"""Structured pruning (saap, flap), the worker's job read top to bottom (every launcher runs it on every worker).
 
-load row shards -> sharded gradient pass (importances per group, per batch, merged as small vectors) ->
-allocation (the same on every worker) -> a smaller sharded model, filled one gathered layer at a time ->
-sharded recovery fine-tuning -> worker 0 writes the layers, the config and the report.
+load row shards -> sharded calibration pass (the gradient pass, or FLAP's forward-only statistics;
+importances per group, merged as small vectors) -> allocation (the same on every worker) -> a smaller
+sharded model, filled one gathered (and bias-compensated) layer at a time -> sharded recovery fine-tuning ->
+worker 0 writes the layers, the config and the report.
 `check_structured` is the driver's part: what can fail before a worker starts.
 """
 
@@ -14,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..adapter import compute_dtype, decoder_layers
-from ..checkpoint import CheckpointInfo, open_checkpoint
+from ..checkpoint import CheckpointInfo, load_tokenizer, open_checkpoint
 from ..config import PruneConfig
+from ..data import recovery_token_windows
 from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
 from ..distributed.evaluation import evaluation_steps, sharded_perplexity
 from ..distributed.residency import StreamStore
@@ -39,7 +41,14 @@ from .groups import (
     weight_numel,
 )
 from .recovery import GROUP_ORDER, recover
-from .scoring import GradientSource, ModuleScores, gradient_steps, score_modules
+from .scoring import (
+    COLUMN_OWNER,
+    FORWARD_ONLY,
+    CalibrationSource,
+    ModuleScores,
+    calibration_steps,
+    score_modules,
+)
 from .surgery import copy_modeling_file, kept_sizes, layer_shape, output_config, rebuild_smaller
 
 log = get_logger()
@@ -79,14 +88,19 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
         target = round(s.ratio * params_before["decoder_layers"])
         perplexities = {}
         _measure(perplexities, "dense", model, eval_windows, workers, progress)
-        scored, counts, keeps = _choose_removals(model, info, windows, layers, target, config, workers, progress)
-        output = output_config(info.config, kept_sizes(shapes_before, keeps), shapes_before[0].head_dim)
+        scored, counts, keeps, weights = _choose_removals(
+            model, info, windows, layers, target, config, workers, progress
+        )
+        sizes = kept_sizes(shapes_before, keeps)
+        output = output_config(info.config, sizes, shapes_before[0].head_dim, biases=s.bias_compensation)
+        means = compensation_means(scored) if s.bias_compensation else None
         with progress.phase("prune"):
-            model = rebuild_smaller(model, keeps, output, info.weight_dtype, workers)
-        losses = []
+            model = rebuild_smaller(model, keeps, output, info.weight_dtype, workers, means)
+        losses, curve = [], []
         if s.recover_steps:
             _measure(perplexities, "before_recovery", model, eval_windows, workers, progress)
-            losses = _recover(model, windows, layers, config, info, workers, progress)
+            recovery = recovery_token_windows(config, load_tokenizer(info.model_files))
+            losses, curve = _recover(model, recovery, eval_windows, layers, config, info, workers, progress)
         _measure(perplexities, "pruned", model, eval_windows, workers, progress)
         memory = worker_memory(_weight_bytes(model), workers, progress)
         _write_weights(writer, model, info)  # a collective: every worker gathers, worker 0 writes
@@ -94,9 +108,10 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
             return None
         progress.timings["total"] = round(time.perf_counter() - started, 3)
         report = build_report(config, info, model, params_before, target, shapes_before, keeps, scored, counts)
+        report["fusion_weights"] = _weights_entry(weights)
         report.update(
             perplexity=perplexity_entry(perplexities, eval_windows, config),
-            recovery=_recovery_entry(config, losses),
+            recovery=_recovery_entry(config, losses, curve, perplexities),
             checkpoint_form="bundled modeling file (trust_remote_code)" if "auto_map" in output else "stock Llama",
             calibration={"sequences": windows.shape[0], "seqlen": windows.shape[1]},
             timings_s=dict(progress.timings),
@@ -118,37 +133,58 @@ def _choose_removals(
     config: PruneConfig,
     workers: Workers,
     progress: Progress,
-) -> tuple[list[ModuleScores], list[int], dict[int, LayerKeep]]:
+) -> tuple[list[ModuleScores], list[int], dict[int, LayerKeep], dict | None]:
     """Score every group, allocate the target over the modules, pick the lowest-scored groups of each."""
     s = config.structured
-    store = StreamStore(info)
-    source = GradientSource(store, model.config, compute_dtype(workers.device, info.weight_dtype))
-    with progress.phase("gradients", total=gradient_steps(windows, s.stability_batches, info.num_layers)) as advance:
-        scored = score_modules(
+    source = CalibrationSource(StreamStore(info), model.config, compute_dtype(workers.device, info.weight_dtype))
+    phase = "statistics" if s.importance in FORWARD_ONLY else "gradients"
+    steps = calibration_steps(windows, s.stability_batches, layers, s.importance, info.num_layers)
+    with progress.phase(phase, total=steps) as advance:
+        scored, weights = score_modules(
             model, source, windows, layers, s.importance, GQA_MODE, s.stability_batches, workers, advance
         )
+    if weights is not None:
+        log.info("fusion weights: %s", ", ".join(f"{kind} {m} {w:.3g}" for (kind, m), w in weights.items()))
     modules = [Module(m.layer, m.kind, removal_steps(m.kind, m.shape, GQA_MODE), m.instability) for m in scored]
-    counts = allocate(modules, target, adaptive=s.allocation == "adaptive")
-    return scored, counts, kept_units(scored, counts)
+    counts = allocate(modules, target, s.allocation, [m.scores for m in scored])
+    return scored, counts, kept_units(scored, counts), weights
+
+
+def compensation_means(scored: list[ModuleScores]) -> dict[int, dict[str, Tensor]]:
+    """Per pruned layer, the calibration mean of the input of o_proj and of down_proj (bias compensation)."""
+    means: dict[int, dict[str, Tensor]] = {}
+    for m in scored:
+        means.setdefault(m.layer, {})[COLUMN_OWNER[m.kind]] = m.input_mean
+    return means
 
 
 def _recover(
     model: nn.Module,
     windows: Tensor,
+    eval_windows: Tensor | None,
     layers: list[int],
     config: PruneConfig,
     info: CheckpointInfo,
     workers: Workers,
     progress: Progress,
-) -> list[float]:
+) -> tuple[list[float], list[dict]]:
+    """Recovery fine-tuning; every `recover_eval_every` steps a point of the curve: perplexity against the
+    recovery tokens seen so far (with the adapters attached, before their merge and rounding)."""
     s, batch = config.structured, config.calibration.batch_size
+    curve = []
+
+    def measure(step: int) -> None:
+        if eval_windows is not None and s.recover_eval_every and step % s.recover_eval_every == 0:
+            value = measure_perplexity(model, eval_windows, workers, progress, f"recovery_{step}_eval")
+            curve.append({"step": step, "tokens": step * batch * windows.shape[1], "perplexity": value})
+
     with progress.phase("recovery", total=s.recover_steps) as advance:
         losses = recover(
             model, windows, layers, s.recover_steps, s.recover_rank, s.recover_lr, batch, workers,
-            config.calibration.seed, advance,
+            config.calibration.seed, advance, measure,
         )  # fmt: skip
     round_to_dtype_(model, info.weight_dtype)
-    return losses
+    return losses, curve
 
 
 def prunable_layers(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
@@ -254,8 +290,11 @@ def build_report(
     params_after = parameter_counts(model)
     removed = params_before["decoder_layers"] - params_after["decoder_layers"]
     return {
-        "method": "saap",
+        "method": config.prune.method,
         "pattern": f"structured {config.structured.ratio}",
+        "importance": config.structured.importance,
+        "allocation_rule": config.structured.allocation,
+        "bias_compensation": config.structured.bias_compensation,
         "source": str(info.path),
         "config": config.to_dict(),
         "gqa_mode": GQA_MODE,
@@ -305,15 +344,30 @@ def _allocation_entries(scored: list[ModuleScores], counts: list[int]) -> list[d
     ]
 
 
-def _recovery_entry(config: PruneConfig, losses: list[float]) -> dict | None:
-    s = config.structured
+def _weights_entry(weights: dict[tuple[str, str], float] | None) -> dict | None:
+    """The fusion's weight of each measure per kind, normalised to sum to 1 (None unless fused)."""
+    if weights is None:
+        return None
+    entry: dict[str, dict[str, float]] = {}
+    for (kind, measure), weight in weights.items():
+        entry.setdefault(kind, {})[measure] = weight
+    return {kind: {m: w / sum(values.values()) for m, w in values.items()} for kind, values in entry.items()}
+
+
+def _recovery_entry(config: PruneConfig, losses: list[float], curve: list[dict], perplexities: dict) -> dict | None:
+    s, c = config.structured, config.calibration
     if not s.recover_steps:
         return None
+    start = [{"step": 0, "tokens": 0, "perplexity": perplexities["before_recovery"]}] if curve else []
     return {
         "steps": s.recover_steps,
         "rank": s.recover_rank,
         "lr": s.recover_lr,
-        "batch_size": config.calibration.batch_size,
+        "schedule": "AdamW, constant learning rate, no weight decay",
+        "batch_size": c.batch_size,
+        "tokens": s.recover_steps * c.batch_size * c.seqlen,
+        "data": "fresh windows of the calibration split, seeded order (never the evaluation split)",
         "groups": f"{' / '.join(GROUP_ORDER)} adapters, alternating every step",
         "losses": losses,
+        "curve": start + curve,  # perplexity against recovery tokens; the last point is before merging
     }

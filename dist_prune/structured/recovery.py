@@ -15,7 +15,6 @@ the whole batch's mean loss, so their optimizers stay identical. Merging adds ea
 
 import math
 from collections.abc import Callable
-from itertools import cycle
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +63,16 @@ def recover(
     workers: Workers,
     seed: int = 0,
     progress: Callable[[], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Train adapters on the calibration windows for `steps` steps, alternating groups; merge. Returns losses
-    (each the whole batch's mean cross-entropy, the same on every worker)."""
+    """Train adapters for `steps` steps on consecutive batches of `windows` (at least steps x batch_size of
+    them), alternating groups; merge. Returns losses (each the whole batch's mean cross-entropy, the same on
+    every worker). `after_step(k)` runs on every worker after step k (1-based), adapters attached: the
+    recovery curve's perplexity measurements, collectives included."""
+    if windows.shape[0] < steps * batch_size:
+        raise ValueError(
+            f"{steps} recovery steps of {batch_size} need {steps * batch_size} windows, got {windows.shape[0]}"
+        )
     adapters = _attach(model, layers, rank, torch.Generator().manual_seed(seed))
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
@@ -74,18 +80,19 @@ def recover(
     optimizer = torch.optim.AdamW(
         [p for group in adapters.values() for adapter in group for p in (adapter.A, adapter.B)], lr=lr, weight_decay=0.0
     )
-    batches = cycle(windows.split(batch_size))
     losses = []
     try:
-        for step in range(steps):
+        for step, batch in zip(range(steps), windows.split(batch_size), strict=False):
             active = GROUP_ORDER[step % len(GROUP_ORDER)]
             trained = _train_only(adapters, active)
-            losses.append(_step(model, next(batches), trained, workers))
+            losses.append(_step(model, batch, trained, workers))
             optimizer.step()  # parameters without a gradient (the resting group) are skipped
             optimizer.zero_grad(set_to_none=True)
             log.debug("recovery step %d/%d (%s): loss %.4f", step + 1, steps, active, losses[-1])
             if progress is not None:
                 progress()
+            if after_step is not None:
+                after_step(step + 1)
     finally:
         _merge(model, layers)
         for p, flag in frozen.items():

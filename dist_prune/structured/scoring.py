@@ -1,14 +1,21 @@
-"""From the layer-wise gradient pass to one importance vector and one instability number per prunable module.
+"""From the calibration passes to one importance vector, one instability number and one input mean per
+prunable module.
 
-The glue between the worker engine and the pure maths of importance.py. The calibration windows are split
-into batches; each batch is one layer-wise pass (distributed/layer_gradients.py) giving, per decoder Linear,
-sum_n g_n (Taylor's g: the gradient of the total loss, g_n being sequence n's mean cross-entropy), sum_n g_n^2
-(the diagonal Fisher, from per-sample gradients) and the vector sum_{n,t} x^2 of its input, of which each
-worker keeps the rows of its FSDP shards. Each worker scores the groups its rows touch; the partial vectors (one number
-per head or channel) are summed across workers. Every worker ends with the same scores.
+The glue between the worker engine and the pure maths of importance.py. The importance decides the pass
+(distributed/layer_gradients.py):
+- the gradient measures (fused, element, vector, activation): the calibration windows are split into
+  batches, each batch one layer-wise gradient pass giving, per decoder Linear, sum_n g_n (Taylor's g: the
+  gradient of the total loss, g_n being sequence n's mean cross-entropy), sum_n g_n^2 (the diagonal Fisher,
+  from per-sample gradients), of which each worker keeps the rows of its FSDP shards, and the sums of x and x^2
+  of each Linear's input;
+- fluctuation (FLAP): one forward-only pass of the dense model giving the sums of x and x^2 of the o_proj and
+  down_proj inputs (their channel means and variances).
+Each worker scores the groups its rows touch; the partial vectors (one number per head or channel, or per
+input channel for fluctuation) are summed across workers. Every worker ends with the same scores.
 
-Fusion fits one sigma per (measure, kind) over the groups of every pruned layer together, so fused scores
-keep the measures' relative weight the same in every layer.
+Fusion divides each measure by its mean over the groups of every pruned layer of a kind together and weighs it
+by the inverse square of its instability across the calibration batches (docs/structured.md: why), one
+weight per (measure, kind), so fused scores keep the measures' relative weight the same in every layer.
 """
 
 from collections.abc import Callable
@@ -19,13 +26,31 @@ from torch import Tensor, nn
 
 from ..adapter import LINEAR_INPUT_OWNER, decoder_layers, linear_weight_name
 from ..distributed import Workers, all_reduce_in_order, local_rows
-from ..distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, layerwise_gradient_pass
+from ..distributed.layer_gradients import (
+    ActivationStore,
+    GradientRequest,
+    LayerSums,
+    layerwise_gradient_pass,
+    layerwise_input_moments,
+)
 from .groups import ATTENTION, MLP, MODULES, LayerShape
-from .importance import MEASURES, finish_measures, fuse, group_measures, instability
+from .importance import (
+    MEASURES,
+    channel_variance,
+    finish_measures,
+    fluctuation_channels,
+    fluctuation_scores,
+    fuse,
+    group_measures,
+    instability,
+)
 from .surgery import layer_shape
 
 Key = tuple[int, str]  # (layer index, ATTENTION or MLP)
 INPUT_OWNERS = tuple(sorted(set(LINEAR_INPUT_OWNER.values())))
+# The Linear whose input channels are the units of each kind: its input mean is what bias compensation needs.
+COLUMN_OWNER = {ATTENTION: "self_attn.o_proj", MLP: "mlp.down_proj"}
+FORWARD_ONLY = ("fluctuation",)  # importances a forward pass of the dense model gives, without gradients
 
 
 @dataclass(frozen=True)
@@ -35,47 +60,61 @@ class ModuleScores:
     shape: LayerShape
     scores: Tensor  # (units,) the configured importance over the whole calibration set
     instability: float  # mean coefficient of variation of the units' importance across batches
+    input_mean: Tensor  # mean over the calibration tokens of each input channel of COLUMN_OWNER[kind]
 
 
 @dataclass
-class GradientSums:
+class CalibrationSums:
     """This worker's rows (those of its FSDP shards) of sum_n g_n^2 (`power`) and sum_n g_n (`plain`) in fp32,
-    and the whole input square sums of the owners, for the prunable layers; keyed by weight name."""
+    and the whole fp64 sums of x^2 and x of the owners' inputs, for the prunable layers; keyed by weight name."""
 
     power: dict[str, Tensor] = field(default_factory=dict)
     plain: dict[str, Tensor] = field(default_factory=dict)
     input_sq: dict[str, Tensor] = field(default_factory=dict)
+    input_sum: dict[str, Tensor] = field(default_factory=dict)
     sequences: int = 0
+    tokens: int = 0
 
-    def add_(self, other: "GradientSums") -> "GradientSums":
-        for mine, theirs in ((self.power, other.power), (self.plain, other.plain), (self.input_sq, other.input_sq)):
+    def add_(self, other: "CalibrationSums") -> "CalibrationSums":
+        for mine, theirs in zip(self._sums(), other._sums(), strict=True):
             for name, tensor in theirs.items():
                 mine[name].add_(tensor)
         self.sequences += other.sequences
+        self.tokens += other.tokens
         return self
+
+    def _sums(self) -> tuple[dict[str, Tensor], ...]:
+        return self.power, self.plain, self.input_sq, self.input_sum
+
+    def input_mean(self, name: str) -> Tensor:
+        return (self.input_sum[name] / self.tokens).float()
 
 
 @dataclass(frozen=True)
-class GradientSource:
-    """Where the layer-wise pass reads the dense weights (the checkpoint), and in what it computes."""
+class CalibrationSource:
+    """Where the layer-wise passes read the dense weights (the checkpoint), and in what they compute."""
 
     store: object  # distributed.residency.StreamStore
     model_config: object
     dtype: torch.dtype
 
 
-def calibration_batches(windows: Tensor, num_batches: int) -> tuple[Tensor, ...]:
-    return windows.tensor_split(min(num_batches, windows.shape[0]))
+def calibration_batches(windows: Tensor, num_batches: int, importance: str) -> tuple[Tensor, ...]:
+    """Stability batches for the gradient measures; one batch for a forward-only importance (its adaptive
+    allocation is refused by the config: standardised scores have no meaningful coefficient of variation)."""
+    return windows.tensor_split(1 if importance in FORWARD_ONLY else min(num_batches, windows.shape[0]))
 
 
-def gradient_steps(windows: Tensor, num_batches: int, num_layers: int) -> int:
-    """Progress steps of the gradient passes: two per layer (forward, backward) for each batch."""
-    return len(calibration_batches(windows, num_batches)) * 2 * num_layers
+def calibration_steps(windows: Tensor, num_batches: int, layers: list[int], importance: str, num_layers: int) -> int:
+    """Progress steps: per batch, two per layer (forward, backward) for a gradient pass, one per layer up to
+    the highest prunable one for a forward-only pass."""
+    per_pass = max(layers) + 1 if importance in FORWARD_ONLY else 2 * num_layers
+    return len(calibration_batches(windows, num_batches, importance)) * per_pass
 
 
 def score_modules(
     model: nn.Module,
-    source: GradientSource,
+    source: CalibrationSource,
     windows: Tensor,
     layers: list[int],
     importance: str,
@@ -83,32 +122,68 @@ def score_modules(
     num_batches: int,
     workers: Workers,
     progress: Callable[[], None] | None = None,
-) -> list[ModuleScores]:
-    """Importance of every unit of the modules of `layers`, identical on every worker (collectives)."""
-    batch_scores: dict[Key, list[Tensor]] = {}
+) -> tuple[list[ModuleScores], dict[tuple[str, str], float] | None]:
+    """Importance of every unit of the modules of `layers`, identical on every worker (collectives), and the
+    fusion's weight of each (kind, measure) (None unless fused)."""
+    per_batch: list[dict[Key, dict[str, Tensor]]] = []
     totals = None
-    for batch in calibration_batches(windows, num_batches):
-        sums = batch_sums(model, source, batch, layers, workers, progress)
-        for key, scores in module_importances(model, sums, layers, importance, mode).items():
-            batch_scores.setdefault(key, []).append(scores)
+    for batch in calibration_batches(windows, num_batches, importance):
+        sums = batch_sums(model, source, batch, layers, importance, workers, progress)
+        per_batch.append(module_measures(model, sums, layers, importance, mode))
         totals = sums if totals is None else totals.add_(sums)
-    final = module_importances(model, totals, layers, importance, mode)
-    return [
-        ModuleScores(layer, kind, shape_of(model, layer), scores, instability(torch.stack(batch_scores[(layer, kind)])))
+    weights = measure_weights(per_batch) if importance == "fused" else None
+    final = combine(module_measures(model, totals, layers, importance, mode), importance, weights)
+    batch_scores = [combine(measures, importance, weights) for measures in per_batch]
+    scored = [
+        ModuleScores(
+            layer,
+            kind,
+            shape_of(model, layer),
+            scores,
+            instability(torch.stack([batch[(layer, kind)] for batch in batch_scores])),
+            totals.input_mean(linear_weight_name(layer, COLUMN_OWNER[kind])),
+        )  # fmt: skip
         for (layer, kind), scores in final.items()
     ]
+    return scored, weights
+
+
+def measure_weights(per_batch: list[dict[Key, dict[str, Tensor]]]) -> dict[tuple[str, str], float]:
+    """Each measure's weight in the fusion, per kind: the inverse square of its instability across calibration
+    batches (mean over the kind's modules of the units' coefficient of variation), so a measure that the
+    batches disagree on counts less. All ones with a single batch, or when a measure does not vary at all
+    (its weight would be infinite)."""
+    cv = {}
+    for kind in (ATTENTION, MLP):
+        keys = [key for key in per_batch[0] if key[1] == kind]
+        for m in MEASURES:
+            values = [instability(torch.stack([batch[key][m] for batch in per_batch])) for key in keys]
+            cv[(kind, m)] = sum(values) / len(values)
+    if len(per_batch) < 2 or min(cv.values()) <= 0:
+        return dict.fromkeys(cv, 1.0)
+    return {key: 1.0 / value**2 for key, value in cv.items()}
+
+
+def combine(
+    measures: dict[Key, dict[str, Tensor]], importance: str, weights: dict[tuple[str, str], float] | None
+) -> dict[Key, Tensor]:
+    """One score vector per module: the configured measure, or the fusion of all three."""
+    if importance != "fused":
+        return {key: values[importance] for key, values in measures.items()}
+    return fuse_per_kind(measures, weights)
 
 
 def batch_sums(
     model: nn.Module,
-    source: GradientSource,
+    source: CalibrationSource,
     batch: Tensor,
     layers: list[int],
+    importance: str,
     workers: Workers,
     progress: Callable[[], None] | None = None,
-) -> GradientSums:
+) -> CalibrationSums:
     """One layer-wise pass over `batch`: this worker's rows of the prunable layers' sums (a collective)."""
-    sums = GradientSums(sequences=batch.shape[0])
+    sums = CalibrationSums(sequences=batch.shape[0], tokens=batch.numel())
 
     def keep_my_rows(_index: int, layer: LayerSums) -> None:
         for name in layer.power:
@@ -116,8 +191,15 @@ def batch_sums(
             block = slice(rows.row_offset, rows.row_offset + rows.tensor.shape[0])
             sums.power[name] = layer.power[name][block].float()
             sums.plain[name] = layer.plain[name][block].float()
-        sums.input_sq.update({name: total.float() for name, total in layer.input_sq.items()})
+        sums.input_sq.update(layer.input_sq)
+        sums.input_sum.update(layer.input_sum)
 
+    if importance in FORWARD_ONLY:
+        layerwise_input_moments(
+            source.store, source.model_config, batch, tuple(COLUMN_OWNER.values()), frozenset(layers), workers,
+            source.dtype, keep_my_rows, progress,
+        )  # fmt: skip
+        return sums
     request = GradientRequest(plain=True, input_owners=INPUT_OWNERS, layers=frozenset(layers))
     activations = ActivationStore(None, workers.device)
     layerwise_gradient_pass(
@@ -130,10 +212,11 @@ def shape_of(model: nn.Module, index: int) -> LayerShape:
     return layer_shape(decoder_layers(model)[index])
 
 
-def module_importances(
-    model: nn.Module, sums: GradientSums, layers: list[int], importance: str, mode: str
-) -> dict[Key, Tensor]:
-    """One score vector per (layer, kind): partial measures from this worker's rows, summed across workers."""
+def module_measures(
+    model: nn.Module, sums: CalibrationSums, layers: list[int], importance: str, mode: str
+) -> dict[Key, dict[str, Tensor]]:
+    """Per (layer, kind), each measure the importance needs, one score per unit: partial measures from this
+    worker's rows, summed across workers (fluctuation: per input channel, then standardised into units)."""
     measures = MEASURES if importance == "fused" else (importance,)
     partial = {}
     for index in layers:
@@ -142,19 +225,26 @@ def module_importances(
             values = _partial_measures(layer, index, sums, kind, mode, measures)
             partial.update({f"{index}/{kind}/{measure}": v for measure, v in values.items()})
     all_reduce_in_order(partial)  # small vectors: one number per head or channel
-    per_module = {
-        (index, kind): finish_measures({m: partial[f"{index}/{kind}/{m}"] for m in measures})
+    whole = {
+        (index, kind): {m: partial[f"{index}/{kind}/{m}"] for m in measures}
         for index in layers
         for kind in (ATTENTION, MLP)
     }
-    if importance != "fused":
-        return {key: values[importance] for key, values in per_module.items()}
-    return fuse_per_kind(per_module)
+    if importance in FORWARD_ONLY:
+        return {
+            (index, kind): {importance: fluctuation_scores(values[importance], kind, shape_of(model, index), mode)}
+            for (index, kind), values in whole.items()
+        }
+    return {key: finish_measures(values) for key, values in whole.items()}
 
 
 def _partial_measures(
-    layer: nn.Module, index: int, sums: GradientSums, kind: str, mode: str, measures: tuple[str, ...]
+    layer: nn.Module, index: int, sums: CalibrationSums, kind: str, mode: str, measures: tuple[str, ...]
 ) -> dict[str, Tensor]:
+    if measures == FORWARD_ONLY:  # per input channel of o_proj / down_proj, from this worker's rows
+        name = linear_weight_name(index, COLUMN_OWNER[kind])
+        variance = channel_variance(sums.input_sum[name], sums.input_sq[name], sums.tokens)
+        return {"fluctuation": fluctuation_channels(local_rows(layer.get_submodule(COLUMN_OWNER[kind]).weight).tensor, variance)}  # fmt: skip
     modules = MODULES[kind]
     shards = {m: local_rows(layer.get_submodule(m).weight) for m in modules}
     names = {m: linear_weight_name(index, m) for m in modules}
@@ -163,7 +253,7 @@ def _partial_measures(
         weights={m: shards[m].tensor for m in modules},
         grad={m: sums.plain[names[m]] for m in modules},
         fisher={m: sums.power[names[m]] for m in modules},
-        scaler_row={m: sums.input_sq[owners[m]] / sums.sequences for m in modules},
+        scaler_row={m: (sums.input_sq[owners[m]] / sums.sequences).float() for m in modules},
         kind=kind,
         shape=layer_shape(layer),
         mode=mode,
@@ -172,12 +262,15 @@ def _partial_measures(
     )
 
 
-def fuse_per_kind(per_module: dict[Key, dict[str, Tensor]]) -> dict[Key, Tensor]:
-    """Fusion with one sigma per measure over all modules of a kind: concatenate, fuse, split back."""
+def fuse_per_kind(
+    per_module: dict[Key, dict[str, Tensor]], weights: dict[tuple[str, str], float] | None = None
+) -> dict[Key, Tensor]:
+    """Fusion with one mean per measure over all modules of a kind: concatenate, fuse, split back."""
     fused = {}
     for kind in (ATTENTION, MLP):
         keys = [key for key in per_module if key[1] == kind]
         sizes = [per_module[key][MEASURES[0]].numel() for key in keys]
         joined = {m: torch.cat([per_module[key][m] for key in keys]) for m in MEASURES}
-        fused.update(zip(keys, fuse(joined).split(sizes), strict=True))
+        kind_weights = None if weights is None else {m: weights[(kind, m)] for m in MEASURES}
+        fused.update(zip(keys, fuse(joined, kind_weights).split(sizes), strict=True))
     return fused

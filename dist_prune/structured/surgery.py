@@ -17,7 +17,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..adapter import LAYERS_PREFIX, decoder_layers
 from ..distributed import Workers, copy_local_rows, gather_state, local_rows, shard_model
-from .groups import ATTENTION, COLUMN_MODULES, MLP, MODULES, LayerKeep, LayerShape, kept_lines, slice_weight
+from .groups import (
+    ATTENTION,
+    COLUMN_MODULES,
+    MLP,
+    MODULES,
+    LayerKeep,
+    LayerShape,
+    compensation_bias,
+    kept_lines,
+    slice_weight,
+)
 from .modeling_pruned_llama import SIZE_KEYS, PrunedLlamaForCausalLM
 
 BUNDLED_MODELING_FILE = Path(__file__).with_name("modeling_pruned_llama.py")
@@ -48,6 +58,20 @@ def slice_layer_state(state: dict[str, Tensor], keep: LayerKeep, head_dim: int) 
     return sliced
 
 
+def compensate_layer_state(
+    state: dict[str, Tensor], keep: LayerKeep, head_dim: int, input_means: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """A decoder layer's full state with FLAP's compensation added to the biases of o_proj and down_proj
+    (`input_means`: the calibration mean of each one's input, keyed by module name). Before slicing: the
+    compensation reads the removed columns."""
+    compensated = dict(state)
+    for module in COLUMN_MODULES:
+        bias = compensation_bias(module, state[f"{module}.weight"], input_means[module], keep, head_dim)
+        name = f"{module}.bias"
+        compensated[name] = state[name].float() + bias if name in state else bias
+    return compensated
+
+
 def kept_sizes(shapes: list[LayerShape], keeps: dict[int, LayerKeep]) -> list[dict[str, int]]:
     """Every layer's head counts and MLP width after removal (protected layers as they were)."""
     sizes = []
@@ -72,21 +96,32 @@ def build_on_meta(output: dict) -> nn.Module:
 
 @torch.no_grad()
 def rebuild_smaller(
-    model: nn.Module, keeps: dict[int, LayerKeep], output: dict, dtype: torch.dtype, workers: Workers
+    model: nn.Module,
+    keeps: dict[int, LayerKeep],
+    output: dict,
+    dtype: torch.dtype,
+    workers: Workers,
+    input_means: dict[int, dict[str, Tensor]] | None = None,
 ) -> nn.Module:
-    """A new row-sharded model of the pruned architecture, filled one gathered layer at a time.
+    """A new row-sharded model of the pruned architecture, filled one gathered layer at a time; with
+    `input_means` (per pruned layer, per column module) the removed channels are compensated by biases.
 
     Weights are rounded to the saved dtype, so that what is evaluated and fine-tuned is exactly what is
     written. The non-layer weights keep their shapes and so their sharding: local rows are copied directly.
+    Biases the output config asks for and the source lacks (attention_bias / mlp_bias put one on every
+    projection of a block) start at zero.
     """
     smaller = shard_model(build_on_meta(output), workers)
     head_dim = output["head_dim"]
     for index, (layer, target) in enumerate(zip(decoder_layers(model), decoder_layers(smaller), strict=True)):
         state = gather_state(layer)  # a collective: every worker, every layer, in order
         if index in keeps:
+            if input_means is not None:
+                state = compensate_layer_state(state, keeps[index], head_dim, input_means[index])
             state = slice_layer_state(state, keeps[index], head_dim)
         for name, param in target.named_parameters():
-            copy_local_rows(param, state[name].to(dtype))
+            value = state[name] if name in state else torch.zeros(param.shape)
+            copy_local_rows(param, value.to(dtype))
     old = dict(model.named_parameters())
     for name, param in smaller.named_parameters():
         if not name.startswith(LAYERS_PREFIX):
@@ -94,9 +129,13 @@ def rebuild_smaller(
     return smaller
 
 
-def output_config(source: dict, sizes: list[dict[str, int]], head_dim: int) -> dict:
-    """config.json for the pruned model: stock Llama when every layer is alike, else the bundled form."""
+def output_config(source: dict, sizes: list[dict[str, int]], head_dim: int, biases: bool = False) -> dict:
+    """config.json for the pruned model: stock Llama when every layer is alike, else the bundled form.
+    `biases`: compensation biases on o_proj and down_proj, so LlamaConfig's attention_bias and mlp_bias (which
+    give every projection of the block a bias; the others stay zero)."""
     config = dict(source, head_dim=head_dim)
+    if biases:
+        config.update(attention_bias=True, mlp_bias=True)
     if is_stock_loadable(sizes, source["hidden_size"]):
         config.update(sizes[0])
         return config
