@@ -20,10 +20,11 @@ from .assets import resolve_model
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointInfo, open_checkpoint, read_model_config
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
+from .methods.stats import PRODUCT_BLOCK_ELEMENTS
 from .registry import Method, method
 from .zero import is_zero_checkpoint
 
-FP32, FP64 = 4, 8
+FP32, FP64, BOOL = 4, 8, 1
 GRADIENT_BYTES = {"fp32": 4, "fp16": 2}
 # Interpreter, torch and transformers, measured on the CPU machines here (resident after import).
 RUNTIME_BASELINE = 450 * 2**20
@@ -350,6 +351,8 @@ def _layer_loop(run: _Run) -> int:
     boundaries = 2 * (run.hidden_states + run.eval_hidden_states)
     tokens = max(run.batch * run.seqlen, EVAL_BATCH * run.eval_seqlen if run.eval_windows else 0)
     activations = tokens * (4 * shape.hidden + 3 * shape.mlp) * run.compute
+    if run.method.statistics == "hessian":  # SparseGPT's phases count their own matrices (_statistics)
+        return run.layer + boundaries + activations + _statistics(run)
     masks = 3 * run.own_rows(shape.widest_matrix, FP32)
     gathered = shape.widest_matrix * (run.compute + run.read_extra)
     return run.layer + boundaries + activations + _statistics(run) + masks + gathered
@@ -359,18 +362,20 @@ def _statistics(run: _Run) -> int:
     """What scoring needs beyond the layer. Wanda's and GBLM's per-column sums of x^2 are negligible."""
     shape = run.shape
     if run.method.statistics == "hessian":
-        widest = max(shape.input_widths)
-        # Collecting: X X^T per input group in fp64, and one batch's fp32 X^T X of the widest input.
-        collecting = sum(width * width for width in shape.input_widths) * FP64 + widest * widest * FP32
-        # Pruning, group by group in order: the sums rounded to fp32 (InputStatistics.round_once) of the groups
-        # not yet done (job._prune_rows drops each after its last Linear); H of the group's input and two of
-        # its factors at a time while H^-1's Cholesky factor is made (methods/sparsegpt.py); the fp32 copy of
-        # this worker's rows that OBS updates in place.
-        widths = shape.input_widths
-        pruning = max(
-            (sum(w * w for w in widths[g:]) + 3 * widths[g] * widths[g]) * FP32 for g in range(len(widths))
-        ) + run.own_rows(shape.widest_matrix, FP32)
-        return max(collecting, pruning)
+        widths = [width * width for width in shape.input_widths]  # elements of each group's X X^T
+        # Collecting: X X^T per input group in fp64, plus one block of one batch's product (fp32 and widened).
+        collecting = sum(widths) * FP64 + PRODUCT_BLOCK_ELEMENTS * (FP32 + FP64)
+        # Rounding, group by group (InputStatistics.round_once): groups before in fp32, this one in fp64 and
+        # fp32 side by side, groups after still fp64.
+        rounding = max(
+            sum(widths[:g]) * FP32 + widths[g] * (FP64 + FP32) + sum(widths[g + 1 :]) * FP64 for g in range(len(widths))
+        )
+        # Pruning, group by group in order: the Hessians of the groups not yet done (job._prune_rows drops each
+        # after its last Linear); two factors of this group's at a time while H^-1's Cholesky factor is made
+        # (methods/sparsegpt.py); the fp32 copy of this worker's rows that OBS updates in place, and its mask.
+        # The pruned matrices already gathered are in run.layer's stored copy (the layer as read is gone).
+        pruning = max((sum(widths[g:]) + 2 * widths[g]) * FP32 for g in range(len(widths)))
+        return max(collecting, rounding, pruning + run.own_rows(shape.widest_matrix, FP32 + BOOL))
     if run.method.gradients:
         return run.own_rows(shape.layer_linear_params, FP32)  # this layer's gradient rows, read back as fp32
     return 0

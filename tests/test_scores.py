@@ -7,6 +7,7 @@ import torch
 
 from dist_prune.config import MethodConfig
 from dist_prune.methods import prune_weight
+from dist_prune.methods import stats as stats_module
 from dist_prune.methods.scores import (
     accumulate_sample_gradient,
     gblm_score,
@@ -104,6 +105,21 @@ def test_input_statistics_scaler_and_hessian():
     assert torch.allclose(stats.scaler_row().double(), sum_sq / n, rtol=1e-5)
     assert torch.allclose(stats.hessian().double(), 2 * sum_xxt / n, rtol=1e-5, atol=1e-5)
     assert stats.hessian().dtype == torch.float32
+
+
+def test_hessian_is_added_by_blocks_of_rows_and_made_in_place(monkeypatch):
+    """X^T X goes in blocks of rows (no whole fp32 product beside the fp64 sum); round_once turns the sum into
+    the Hessian without keeping both."""
+    monkeypatch.setattr(stats_module, "PRODUCT_BLOCK_ELEMENTS", 10)  # 2 rows of 5 per block: 3 blocks
+    batches = make_batches()
+    stats = InputStatistics(5, with_hessian=True)
+    for x in batches:
+        stats.update(x)
+    _, sum_xxt, n = slow_sums(batches)
+    torch.testing.assert_close(stats.sum_xxt, sum_xxt, rtol=1e-6, atol=1e-6)
+    stats.round_once()
+    assert stats.sum_xxt is None and stats.hessian() is stats.hessian()  # one matrix, no copy per call
+    torch.testing.assert_close(stats.hessian().double(), 2 * sum_xxt / n, rtol=1e-6, atol=1e-6)
 
 
 def test_input_statistics_from_bf16_input_is_fp32():
