@@ -82,6 +82,9 @@ class StructuredConfig:
     """Per-module ratios: "adaptive" (importance stability across calibration batches), "uniform", or "global"
     (FLAP: one threshold over the standardised fluctuation scores); unset: the method's (saap: adaptive, flap:
     global)."""
+    ratio_spread: float | None = None
+    """Adaptive allocation: the farthest a module's ratio may move from the uniform ratio, up or down (OWL's
+    bound; 1 or more: unbounded, up to one unit left per module); unset: the method's (saap: 0.2)."""
     bias_compensation: bool | None = None
     """Add the removed channels' mean contribution as a bias of o_proj and down_proj (FLAP); unset: the
     method's (on for saap and flap)."""
@@ -278,6 +281,8 @@ def _with_method_defaults(config: PruneConfig) -> PruneConfig:
         return config
     s, defaults = config.structured, m.structured_defaults
     unset = {f.name: getattr(defaults, f.name) for f in fields(defaults) if getattr(s, f.name) is None}
+    if unset.get("allocation", s.allocation) != "adaptive":
+        unset.pop("ratio_spread", None)  # it bounds the adaptive allocation only
     return dataclasses.replace(config, structured=dataclasses.replace(s, **unset))
 
 
@@ -374,6 +379,10 @@ def _validate_structured(name: str, s: StructuredConfig, pattern: str | None) ->
             "standardised fluctuation scores across layers, 'adaptive' the stability of gradient measures "
             "(uniform goes with every importance)"
         )
+    if s.ratio_spread is not None:
+        _positive("ratio_spread", s.ratio_spread)
+        if s.allocation != "adaptive":
+            raise ConfigError(f"ratio_spread bounds the adaptive allocation; allocation {s.allocation!r} has none")
     if min(s.protect_first, s.protect_last, s.recover_steps, s.recover_eval_every) < 0:
         raise ConfigError("protect_first, protect_last, recover_steps and recover_eval_every must not be negative")
     _positive("stability_batches", s.stability_batches)

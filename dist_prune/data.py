@@ -140,22 +140,27 @@ def evaluation_windows(tokens: Tensor, seqlen: int, max_windows: int | None) -> 
     return tokens[: count * seqlen].view(count, seqlen)
 
 
-def recovery_token_windows(config, tokenizer) -> Tensor:
+def recovery_token_windows(config, stream: Tensor | None) -> Tensor:
     """Structured recovery's windows, recover_steps x batch_size of them: fresh windows of the calibration
-    split (a pre-tokenized calibration file's windows, cycled, when one is given)."""
+    `stream` (a pre-tokenized calibration file's windows, cycled, when the stream is None)."""
     c, s = config.calibration, config.structured
     count = s.recover_steps * c.batch_size
-    if c.calib_tokens:
+    if stream is None:
         windows = load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
         return windows.repeat(-(-count // windows.shape[0]), 1)[:count]
-    tokens = tokenize(tokenizer, load_text(c.calib_source, "calibration"))
-    return recovery_windows(tokens, count, c.seqlen, c.seed)
+    return recovery_windows(stream, count, c.seqlen, c.seed)
 
 
-def calibration_windows(config, tokenizer) -> Tensor:
-    """The run's calibration windows (N, T): pre-tokenized if given, else sampled from the text source."""
+def calibration_stream(config, tokenizer) -> Tensor | None:
+    """The calibration text as one token stream; None when pre-tokenized windows stand in for it."""
     c = config.calibration
-    if c.calib_tokens:
+    return None if c.calib_tokens else tokenize(tokenizer, load_text(c.calib_source, "calibration"))
+
+
+def calibration_windows(config, stream: Tensor | None) -> Tensor:
+    """The run's calibration windows (N, T): sampled from the calibration `stream`, or the pre-tokenized
+    windows when the stream is None."""
+    c = config.calibration
+    if stream is None:
         return load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
-    tokens = tokenize(tokenizer, load_text(c.calib_source, "calibration"))
-    return sample_windows(tokens, c.nsamples, c.seqlen, c.seed)
+    return sample_windows(stream, c.nsamples, c.seqlen, c.seed)

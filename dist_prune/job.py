@@ -19,6 +19,7 @@ import resource
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,7 +38,14 @@ from .adapter import (
 )
 from .checkpoint import load_tokenizer, open_checkpoint
 from .config import PruneConfig
-from .data import calibration_windows, evaluation_windows, load_text, tokenize
+from .data import (
+    calibration_stream,
+    calibration_windows,
+    evaluation_windows,
+    load_text,
+    recovery_token_windows,
+    tokenize,
+)
 from .distributed import ShardSelector, StopRequest, Workers, all_reduce_layer_statistics, batch_share, local_share
 from .distributed.collectives import any_worker, broadcast_from_first, gather_rows, sum_across_workers
 from .distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, Scratch, layerwise_gradient_pass
@@ -89,7 +97,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         stop = stack.enter_context(StopRequest())
         run = Run(config, workers, progress, scratch)
-        windows, eval_windows = token_windows(config, run.info.model_files, progress)
+        windows, eval_windows, _ = token_windows(config, run.info.model_files, progress)
         writer = stack.enter_context(_writer(config, run.info.num_layers)) if workers.is_main else None
         finished = writer.verified_layers() if writer is not None else []
         done = int(sum_across_workers([float(len(finished))], workers.device)[0])  # worker 0 alone knows
@@ -333,7 +341,7 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         run = Run(config, workers, progress, scratch)
-        windows = calibration_windows(config, load_tokenizer(run.info.model_files))
+        windows = calibration_windows(config, calibration_stream(config, load_tokenizer(run.info.model_files)))
         writer = None
         if workers.is_main:
             shapes = gradient_shapes(run.info.config)
@@ -388,14 +396,24 @@ def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict], s
     return {"layer": index, "sparsity": zeros / numel, "seconds": round(seconds, 3), "modules": modules}
 
 
-def token_windows(config: PruneConfig, model_path: Path, progress: Progress) -> tuple[Tensor | None, Tensor | None]:
-    """The calibration windows (when the method calibrates) and the evaluation windows (when asked for)."""
+class TokenWindows(NamedTuple):
+    calibration: Tensor | None  # when the method calibrates
+    evaluation: Tensor | None  # when evaluation was asked for
+    recovery: Tensor | None  # structured recovery's fresh windows of the calibration split
+
+
+def token_windows(config: PruneConfig, model_path: Path, progress: Progress) -> TokenWindows:
+    """The windows of every phase, from one tokenization of each split."""
     m, e = method(config.prune.method), config.evaluation
     with progress.phase("tokenize"):
         tokenizer = load_tokenizer(model_path)
-        calibrates = m.statistics or m.gradients or m.structured
-        windows = calibration_windows(config, tokenizer) if calibrates else None
-        if not e.eval_after:
-            return windows, None
-        tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))
-        return windows, evaluation_windows(tokens, e.eval_seqlen, e.eval_windows)
+        calibration = recovery = evaluation = None
+        if m.statistics or m.gradients or m.structured:
+            stream = calibration_stream(config, tokenizer)
+            calibration = calibration_windows(config, stream)
+            if m.structured and config.structured.recover_steps:
+                recovery = recovery_token_windows(config, stream)
+        if e.eval_after:
+            tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))
+            evaluation = evaluation_windows(tokens, e.eval_seqlen, e.eval_windows)
+        return TokenWindows(calibration, evaluation, recovery)

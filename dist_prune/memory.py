@@ -21,7 +21,7 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointInfo, open_checkpoint
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
 from .methods.stats import PRODUCT_BLOCK_ELEMENTS
-from .registry import Method, method
+from .registry import FORWARD_ONLY, Method, method
 from .zero import is_zero_checkpoint
 
 FP32, FP64, BOOL = 4, 8, 1
@@ -410,8 +410,8 @@ def _fsdp_plan(
     # Loading reads this worker's rows through mmap, one file at a time: those pages count as resident
     # until the file is closed.
     phases = {"load": min(largest_file or HF_SHARD_BYTES, source_bytes) // w}
-    # the phase names of structured/pipeline.py: FLAP's fluctuation needs a forward pass only
-    calibration = "statistics" if config.structured.importance == "fluctuation" else "gradient_pass"
+    # the phase names of structured/pipeline.py
+    calibration = "statistics" if config.structured.importance in FORWARD_ONLY else "gradient_pass"
     phases[calibration] = _structured_calibration_pass(config, model_config)
     phases.update(_structured_phases(shape, w, config))
     if config.evaluation.eval_after:
@@ -453,7 +453,7 @@ def _structured_calibration_pass(config: PruneConfig, model_config: dict) -> int
     hidden states twice (a layer's inputs and outputs)."""
     run = _run(config, model_config)
     c, s = config.calibration, config.structured
-    if s.importance == "fluctuation":
+    if s.importance in FORWARD_ONLY:
         sequences = math.ceil(c.nsamples / run.workers)
         return run.shape.layer_params * FP32 + 2 * sequences * c.seqlen * run.shape.hidden * FP32
     batch_sequences = math.ceil(math.ceil(c.nsamples / min(s.stability_batches, c.nsamples)) / run.workers)

@@ -3,6 +3,10 @@ instead of comparing method names in many places. The maths of each is in `dist_
 
 from dataclasses import dataclass
 
+# Structured importances that one forward pass of the dense model gives, without gradients (FLAP's): the
+# scoring pass (structured/scoring.py) and the memory plan both follow this.
+FORWARD_ONLY = ("fluctuation",)
+
 
 @dataclass(frozen=True)
 class StructuredDefaults:
@@ -12,6 +16,7 @@ class StructuredDefaults:
     importance: str
     allocation: str
     bias_compensation: bool
+    ratio_spread: float | None = None  # the adaptive allocation's bound (docs/structured.md: measured at 20%, 50%)
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ METHODS = {
             statistics=None,
             gradients=True,
             structured=True,
-            structured_defaults=StructuredDefaults("fused", "adaptive", bias_compensation=True),
+            structured_defaults=StructuredDefaults("fused", "adaptive", bias_compensation=True, ratio_spread=0.2),
         ),
         Method(
             "flap",

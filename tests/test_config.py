@@ -190,3 +190,14 @@ def test_pattern_makes_sparsity_irrelevant():
 def test_sparsegpt_blocksize_must_fit_pattern():
     with pytest.raises(ConfigError):
         build_config(overrides={"method": "sparsegpt", "pattern": "2:4", "sparsegpt_blocksize": 6})
+
+
+def test_ratio_spread_bounds_the_adaptive_allocation_only():
+    assert build_config(overrides={"method": "saap", "ratio_spread": 0.1}).structured.ratio_spread == 0.1
+    assert build_config(overrides={"method": "saap"}).structured.ratio_spread == 0.2  # saap's default
+    assert build_config(overrides={"method": "saap", "allocation": "uniform"}).structured.ratio_spread is None
+    assert build_config(overrides={"method": "flap"}).structured.ratio_spread is None
+    with pytest.raises(ConfigError, match="ratio_spread bounds the adaptive allocation"):
+        build_config(overrides={"method": "flap", "ratio_spread": 0.1})
+    with pytest.raises(ConfigError, match="ratio_spread must be a positive number"):
+        build_config(overrides={"method": "saap", "ratio_spread": 0.0})

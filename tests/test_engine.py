@@ -204,12 +204,12 @@ def test_engine_matches_the_plain_single_process_maths(outputs, uneven_llama, te
 
     from dist_prune.adapter import LINEAR_INPUT_OWNER, Stem, layer_linears
     from dist_prune.checkpoint import load_tokenizer
-    from dist_prune.data import calibration_windows
+    from dist_prune.data import calibration_stream, calibration_windows
     from dist_prune.layerwise import collect_input_statistics, embed_batches, run_layer
     from dist_prune.methods import prune_weight
 
     config = run_config(uneven_llama, outputs[1] / "unused", text_file, RUNS["wanda"])
-    windows = calibration_windows(config, load_tokenizer(uneven_llama))
+    windows = calibration_windows(config, calibration_stream(config, load_tokenizer(uneven_llama)))
     model = AutoModelForCausalLM.from_pretrained(uneven_llama, dtype=torch.float32).eval()
     stem = Stem(model.config, model.model.embed_tokens.weight.detach(), torch.float32)
     inputs = embed_batches(stem, list(windows.split(2)))

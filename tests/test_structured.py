@@ -214,6 +214,15 @@ def test_adaptive_ratio_caps_and_redistributes():
     assert allocate(modules, 12, "adaptive") == [3, 9]
 
 
+def test_adaptive_ratios_stay_within_the_spread_of_uniform():
+    modules = [mlp_module(0, 1.0, count=100), mlp_module(1, 1.0, count=100), mlp_module(2, 10.0, count=100)]
+    # unbounded: weights 0.25, 0.25, 2.5; module 2 hits its cap (99 of 100), the others share the other 21
+    assert allocate(modules, 120, "adaptive") == [11, 10, 99]
+    # uniform is 0.4; spread 0.1: module 2 stops at 0.5, modules 0 and 1 share the other 70
+    assert solve_ratios(modules, [0.25, 0.25, 2.5], 120, spread=0.1) == pytest.approx([0.35, 0.35, 0.5])
+    assert allocate(modules, 120, "adaptive", spread=0.1) == [35, 35, 50]
+
+
 def test_uniform_gives_every_module_the_same_count():
     modules = [mlp_module(0, 1.0), mlp_module(1, 9.0)]
     assert allocate(modules, 12, "uniform") == [6, 6]

@@ -2,8 +2,9 @@
 
 A module is the attention or the MLP of one unprotected layer. Adaptive: its ratio is proportional to its
 importance instability relative to the other modules of the same kind (the least stable structures go
-first), r_l = min(cap_l, lam * u_l / mean_kind(u)), with lam solved so that the removed parameters equal
-the target. Uniform: every module the same ratio. Global (FLAP): every unit of every module in one list,
+first), r_l = clamp(lam * u_l / mean_kind(u)), with lam solved so that the removed parameters equal the
+target; the clamp keeps each ratio within `spread` of the uniform ratio (OWL's bound: without it a measure
+whose instability varies a lot between layers empties whole modules) and below "one unit left". Uniform: every module the same ratio. Global (FLAP): every unit of every module in one list,
 ranked by its standardised score, each weighing the parameters it removes; the lowest go until the target is
 reached, and each module's ratio is the share of its units that went. Then whole steps (groups.Steps):
 attention steps are coarse, so they are rounded to the nearest first, and the MLPs, whose steps are single
@@ -36,23 +37,36 @@ class Module:
         return self.steps.removable * self.steps.params
 
 
-def allocate(modules: list[Module], target_params: int, rule: str, scores: list[Tensor] | None = None) -> list[int]:
+def allocate(
+    modules: list[Module],
+    target_params: int,
+    rule: str,
+    scores: list[Tensor] | None = None,
+    spread: float | None = None,
+) -> list[int]:
     """Steps removed per module (same order as `modules`), removing about `target_params` parameters.
 
-    rule: "uniform", "adaptive" or "global" (which needs each module's unit `scores`)."""
+    rule: "uniform", "adaptive" (each ratio within `spread` of the uniform one; None: unbounded) or "global"
+    (which needs each module's unit `scores`)."""
     check_capacity(modules, target_params)
     if rule == "global":
         assert scores is not None
         ratios = threshold_ratios(modules, scores, target_params)
         weights = ratios  # the MLPs share what attention's rounding leaves in these proportions
+        spread = None
     else:
         weights = instability_weights(modules) if rule == "adaptive" else [1.0] * len(modules)
-        ratios = solve_ratios(modules, weights, target_params)
-    return whole_steps(modules, ratios, weights, target_params, equal=rule == "uniform")
+        ratios = solve_ratios(modules, weights, target_params, spread)
+    return whole_steps(modules, ratios, weights, target_params, equal=rule == "uniform", spread=spread)
 
 
 def whole_steps(
-    modules: list[Module], ratios: list[float], weights: list[float], target_params: int, equal: bool
+    modules: list[Module],
+    ratios: list[float],
+    weights: list[float],
+    target_params: int,
+    equal: bool,
+    spread: float | None = None,
 ) -> list[int]:
     """Ratios -> whole steps: attention rounded to the nearest step, the MLPs absorbing the difference."""
     counts = [0] * len(modules)
@@ -61,7 +75,7 @@ def whole_steps(
         counts[i] = min(modules[i].steps.removable, round(ratios[i] * modules[i].steps.count))
     left = target_params - sum(counts[i] * modules[i].steps.params for i in attention)
     mlp = [i for i, m in enumerate(modules) if m.kind == MLP]
-    mlp_counts = mlp_steps([modules[i] for i in mlp], [weights[i] for i in mlp], left, equal)
+    mlp_counts = mlp_steps([modules[i] for i in mlp], [weights[i] for i in mlp], left, equal, spread)
     for i, count in zip(mlp, mlp_counts, strict=True):
         counts[i] = count
     return counts
@@ -101,11 +115,22 @@ def threshold_ratios(modules: list[Module], scores: list[Tensor], target_params:
     return [int(c) / len(s) for c, s in zip(counts, scores, strict=True)]
 
 
-def solve_ratios(modules: list[Module], weights: list[float], target_params: int) -> list[float]:
-    """r_l = min(cap_l, lam * w_l) with sum_l r_l * count_l * params_l = target (bisection on lam)."""
+def solve_ratios(
+    modules: list[Module], weights: list[float], target_params: int, spread: float | None = None
+) -> list[float]:
+    """r_l = clamp_l(lam * w_l) with sum_l r_l * count_l * params_l = target (bisection on lam).
+
+    clamp_l: to [0, cap_l], and with a `spread` to within it of the uniform solution's ratio. The uniform
+    solution lies inside every such box and meets the target, so the bounded one always exists."""
+    caps = [m.steps.removable / m.steps.count for m in modules]
+    lows, highs = [0.0] * len(modules), caps
+    if spread is not None:
+        centre = solve_ratios(modules, [1.0] * len(modules), target_params)
+        lows = [max(0.0, c - spread) for c in centre]
+        highs = [min(cap, c + spread) for c, cap in zip(centre, caps, strict=True)]
 
     def ratios(lam: float) -> list[float]:
-        return [min(m.steps.removable / m.steps.count, lam * w) for m, w in zip(modules, weights, strict=True)]
+        return [min(high, max(low, lam * w)) for low, high, w in zip(lows, highs, weights, strict=True)]
 
     def removed(lam: float) -> float:
         return sum(r * m.steps.count * m.steps.params for r, m in zip(ratios(lam), modules, strict=True))
@@ -119,7 +144,9 @@ def solve_ratios(modules: list[Module], weights: list[float], target_params: int
     return ratios(high)
 
 
-def mlp_steps(modules: list[Module], weights: list[float], target_params: int, equal: bool) -> list[int]:
+def mlp_steps(
+    modules: list[Module], weights: list[float], target_params: int, equal: bool, spread: float | None = None
+) -> list[int]:
     """MLP channels removed per module, removing as close to `target_params` as whole channels allow.
 
     equal: the same count everywhere (uniform layers stay identical); otherwise proportional to `weights`,
@@ -131,7 +158,8 @@ def mlp_steps(modules: list[Module], weights: list[float], target_params: int, e
     if equal:
         count = min(min(m.steps.removable for m in modules), round(target_params / (params * len(modules))))
         return [count] * len(modules)
-    ideal = [r * m.steps.count for r, m in zip(solve_ratios(modules, weights, target_params), modules, strict=True)]
+    ratios = solve_ratios(modules, weights, target_params, spread)
+    ideal = [r * m.steps.count for r, m in zip(ratios, modules, strict=True)]
     counts = [math.floor(x) for x in ideal]
     missing = round(target_params / params) - sum(counts)
     by_remainder = sorted(range(len(modules)), key=lambda i: counts[i] - ideal[i])  # largest remainder first

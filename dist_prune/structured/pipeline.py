@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..adapter import compute_dtype, decoder_layers
-from ..checkpoint import CheckpointInfo, load_tokenizer, open_checkpoint
+from ..checkpoint import CheckpointInfo, open_checkpoint
 from ..config import PruneConfig
-from ..data import recovery_token_windows
 from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
 from ..distributed.evaluation import evaluation_steps, sharded_perplexity
 from ..distributed.residency import StreamStore
@@ -26,6 +25,7 @@ from ..job import token_windows, worker_memory
 from ..log import get_logger
 from ..memory import EVAL_BATCH, ModelShape, plan_for
 from ..progress import Progress
+from ..registry import FORWARD_ONLY
 from ..report import perplexity_entry, run_environment
 from ..writer import CheckpointWriter, finish_run
 from .allocation import Module, allocate, check_capacity
@@ -43,7 +43,6 @@ from .groups import (
 from .recovery import GROUP_ORDER, recover
 from .scoring import (
     COLUMN_OWNER,
-    FORWARD_ONLY,
     CalibrationSource,
     ModuleScores,
     calibration_steps,
@@ -76,7 +75,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
     info = open_checkpoint(config)
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
-    windows, eval_windows = token_windows(config, info.model_files, progress)
+    windows, eval_windows, recovery = token_windows(config, info.model_files, progress)
     writer = None
     if workers.is_main:
         writer = CheckpointWriter(Path(config.out), info.num_layers, {}, config.runtime.overwrite, resumable=False)
@@ -99,7 +98,6 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
         losses, curve = [], []
         if s.recover_steps:
             _measure(perplexities, "before_recovery", model, eval_windows, workers, progress)
-            recovery = recovery_token_windows(config, load_tokenizer(info.model_files))
             losses, curve = _recover(model, recovery, eval_windows, layers, config, info, workers, progress)
         _measure(perplexities, "pruned", model, eval_windows, workers, progress)
         memory = worker_memory(_weight_bytes(model), workers, progress)
@@ -146,7 +144,7 @@ def _choose_removals(
     if weights is not None:
         log.info("fusion weights: %s", ", ".join(f"{kind} {m} {w:.3g}" for (kind, m), w in weights.items()))
     modules = [Module(m.layer, m.kind, removal_steps(m.kind, m.shape, GQA_MODE), m.instability) for m in scored]
-    counts = allocate(modules, target, s.allocation, [m.scores for m in scored])
+    counts = allocate(modules, target, s.allocation, [m.scores for m in scored], s.ratio_spread)
     return scored, counts, kept_units(scored, counts), weights
 
 
@@ -295,6 +293,7 @@ def build_report(
         "importance": config.structured.importance,
         "allocation_rule": config.structured.allocation,
         "bias_compensation": config.structured.bias_compensation,
+        "ratio_spread": config.structured.ratio_spread,
         "source": str(info.path),
         "config": config.to_dict(),
         "gqa_mode": GQA_MODE,

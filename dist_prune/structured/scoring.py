@@ -33,6 +33,7 @@ from ..distributed.layer_gradients import (
     layerwise_gradient_pass,
     layerwise_input_moments,
 )
+from ..registry import FORWARD_ONLY
 from .groups import ATTENTION, MLP, MODULES, LayerShape
 from .importance import (
     MEASURES,
@@ -50,7 +51,6 @@ Key = tuple[int, str]  # (layer index, ATTENTION or MLP)
 INPUT_OWNERS = tuple(sorted(set(LINEAR_INPUT_OWNER.values())))
 # The Linear whose input channels are the units of each kind: its input mean is what bias compensation needs.
 COLUMN_OWNER = {ATTENTION: "self_attn.o_proj", MLP: "mlp.down_proj"}
-FORWARD_ONLY = ("fluctuation",)  # importances a forward pass of the dense model gives, without gradients
 
 
 @dataclass(frozen=True)
