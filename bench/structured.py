@@ -125,8 +125,8 @@ def render(args: argparse.Namespace, dense: dict, rows: list[dict], command: str
         "alternating; merged before saving.",
         f"Speed: greedy `generate`, fp32, prompt {PROMPT_TOKENS} tokens, exactly {args.new_tokens} new tokens per "
         "sequence, median of 3 after a warm-up, each model in a fresh process. Dense was measured first and last "
-        f"(b1 {_speeds(dense, 'batch1')}, b8 {_speeds(dense, 'batch8')} tok/s; one value: the run was stopped before "
-        "the last); the faster is the baseline.",
+        f"(b1 {_speeds(dense, 'batch1')}, b8 {_speeds(dense, 'batch8')} tok/s; a single value: the run "
+        "stopped before the last); the faster is the baseline.",
         "Reduction is of decoder-layer parameters (the target); `params` counts the whole model (tied embeddings once).",
         "",
         "| variant | target | params | reduction | ppl pruned | ppl recovered | tok/s b1 | tok/s b8 | speed-up b1 / b8 "

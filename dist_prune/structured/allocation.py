@@ -4,12 +4,13 @@ A module is the attention or the MLP of one unprotected layer. Adaptive: its rat
 importance instability relative to the other modules of the same kind (the least stable structures go
 first), r_l = clamp(lam * u_l / mean_kind(u)), with lam solved so that the removed parameters equal the
 target; the clamp keeps each ratio within `spread` of the uniform ratio (OWL's bound: without it a measure
-whose instability varies a lot between layers empties whole modules) and below "one unit left". Uniform: every module the same ratio. Global (FLAP): every unit of every module in one list,
-ranked by its standardised score, each weighing the parameters it removes; the lowest go until the target is
-reached, and each module's ratio is the share of its units that went. Then whole steps (groups.Steps):
-attention steps are coarse, so they are rounded to the nearest first, and the MLPs, whose steps are single
-channels, absorb the difference; the total misses the target by at most about one channel per module
-(uniform) or one channel overall (adaptive, global).
+whose instability varies a lot between layers empties whole modules) and below "one unit left". Uniform:
+every module the same ratio. Global (FLAP): every unit of every module in one list, ranked by its standardised
+score, each weighing the parameters it removes; the lowest go until the target is reached, and each module's
+ratio is the share of its units that went. Then whole steps (groups.Steps): attention steps are coarse, so
+they are rounded to the nearest first, and the MLPs, whose steps are single channels, absorb the difference;
+the total misses the target by at most about one channel per module (uniform) or one channel overall
+(adaptive, global).
 """
 
 import math
