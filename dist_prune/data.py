@@ -140,14 +140,13 @@ def evaluation_windows(tokens: Tensor, seqlen: int, max_windows: int | None) -> 
     return tokens[: count * seqlen].view(count, seqlen)
 
 
-def recovery_token_windows(config, stream: Tensor | None) -> Tensor:
+def recovery_token_windows(config, stream: Tensor | None, calibration: Tensor) -> Tensor:
     """Structured recovery's windows, recover_steps x batch_size of them: fresh windows of the calibration
-    `stream` (a pre-tokenized calibration file's windows, cycled, when the stream is None)."""
+    `stream`, or the `calibration` windows cycled when the stream is None (a pre-tokenized file)."""
     c, s = config.calibration, config.structured
     count = s.recover_steps * c.batch_size
     if stream is None:
-        windows = load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
-        return windows.repeat(-(-count // windows.shape[0]), 1)[:count]
+        return calibration.repeat(-(-count // calibration.shape[0]), 1)[:count]
     return recovery_windows(stream, count, c.seqlen, c.seed)
 
 

@@ -412,7 +412,7 @@ def token_windows(config: PruneConfig, model_path: Path, progress: Progress) -> 
             stream = calibration_stream(config, tokenizer)
             calibration = calibration_windows(config, stream)
             if m.structured and config.structured.recover_steps:
-                recovery = recovery_token_windows(config, stream)
+                recovery = recovery_token_windows(config, stream, calibration)
         if e.eval_after:
             tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))
             evaluation = evaluation_windows(tokens, e.eval_seqlen, e.eval_windows)
