@@ -1,8 +1,9 @@
 """Structured pruning of the real SmolLM2-135M: SAAP-style against FLAP and LLM-Pruner, with generation speed.
 
-At 20% and 50% of the decoder-layer parameters removed: SAAP-style (fused importance, adaptive per-module
-ratios), the uniform per-layer ratio with the same fused scores, element-wise Taylor alone with uniform
-ratios (LLM-Pruner's choice), and FLAP (fluctuation, global standardised allocation, bias compensation).
+At 20% and 50% of the decoder-layer parameters removed: SAAP-style (fused importance, per-module ratios from
+one global cut of the standardised scores), the uniform per-layer ratio with the same fused scores,
+element-wise Taylor alone with uniform ratios (LLM-Pruner's choice), FLAP (fluctuation, global standardised
+allocation, bias compensation), and the fused scores with the stability-driven adaptive ratios.
 Each prune is its own process and measures perplexity before recovery, along the recovery (every
 --recover-eval-every steps) and after it; every variant gets the same recovery budget. Greedy generation speed
 (tokens/s at batch 1 and 8) is measured in another process per model, dense included. Writes the `structured`
@@ -27,11 +28,12 @@ from pathlib import Path
 from common import machine_line, run_child, write_section
 
 VARIANTS = [
-    ("SAAP-style (fused, adaptive, compensated)", ["--method", "saap"]),
+    ("SAAP-style (fused, global, compensated)", ["--method", "saap"]),
     ("SAAP-style without bias compensation", ["--method", "saap", "--no-bias-compensation"]),
     ("uniform ratio, fused scores, compensated", ["--method", "saap", "--allocation", "uniform"]),
     ("element-wise Taylor, uniform (LLM-Pruner)", ["--method", "saap", "--importance", "element", "--allocation", "uniform", "--no-bias-compensation"]),
     ("FLAP (fluctuation, global, compensated)", ["--method", "flap"]),
+    ("fused, adaptive (stability) ratios, compensated", ["--method", "saap", "--allocation", "adaptive"]),
 ]  # fmt: skip
 RATIOS = (0.2, 0.5)
 PROMPT_TOKENS = 32

@@ -19,7 +19,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from .errors import ConfigError
-from .registry import METHODS, method
+from .registry import FORWARD_ONLY, METHODS, method
 
 LAUNCHERS = ("local", "ray", "torchrun")
 RESIDENCIES = ("auto", "resident", "stream")
@@ -27,7 +27,7 @@ ACTIVATION_STORAGES = ("auto", "memory", "disk")
 GRADIENT_DTYPES = ("fp32", "fp16")
 OUT_DTYPES = ("bf16", "fp16", "fp32")
 IMPORTANCES = ("fused", "element", "vector", "activation", "fluctuation")  # structured/importance.py
-ALLOCATIONS = ("adaptive", "uniform", "global")  # structured/allocation.py
+ALLOCATIONS = ("global", "adaptive", "uniform")  # structured/allocation.py
 _UNITS = {
     "": 1,
     "b": 1,
@@ -79,12 +79,12 @@ class StructuredConfig:
     """Group importance: "fused" (SAAP-style), "element" (element-wise Taylor, LLM-Pruner), "vector",
     "activation", or "fluctuation" (FLAP's WIFV); unset: the method's (saap: fused, flap: fluctuation)."""
     allocation: str | None = None
-    """Per-module ratios: "adaptive" (importance stability across calibration batches), "uniform", or "global"
-    (FLAP: one threshold over the standardised fluctuation scores); unset: the method's (saap: adaptive, flap:
-    global)."""
+    """Per-module ratios: "global" (FLAP's: one threshold over scores standardised per module), "adaptive"
+    (importance stability across calibration batches), or "uniform"; unset: the method's (global for both)."""
     ratio_spread: float | None = None
     """Adaptive allocation: the farthest a module's ratio may move from the uniform ratio, up or down (OWL's
-    bound; 1 or more: unbounded, up to one unit left per module); unset: the method's (saap: 0.2)."""
+    bound; 1 or more: unbounded, up to one unit left per module); unset: the method's (saap: 0.2, used
+    only when its allocation is adaptive)."""
     bias_compensation: bool | None = None
     """Add the removed channels' mean contribution as a bias of o_proj and down_proj (FLAP); unset: the
     method's (on for saap and flap)."""
@@ -373,11 +373,10 @@ def _validate_structured(name: str, s: StructuredConfig, pattern: str | None) ->
         raise ConfigError(f"ratio must be strictly between 0 and 1, got {s.ratio}")
     _one_of("importance", s.importance, IMPORTANCES)
     _one_of("allocation", s.allocation, ALLOCATIONS)
-    if (s.allocation == "global") != (s.importance == "fluctuation") and s.allocation != "uniform":
+    if s.allocation == "adaptive" and s.importance in FORWARD_ONLY:
         raise ConfigError(
-            f"allocation {s.allocation!r} does not go with importance {s.importance!r}: 'global' compares "
-            "standardised fluctuation scores across layers, 'adaptive' the stability of gradient measures "
-            "(uniform goes with every importance)"
+            f"allocation 'adaptive' does not go with importance {s.importance!r}: it needs the stability of a "
+            "gradient measure across calibration batches ('global' and 'uniform' go with every importance)"
         )
     if s.ratio_spread is not None:
         _positive("ratio_spread", s.ratio_spread)

@@ -42,7 +42,7 @@ METHODS = {
             statistics=None,
             gradients=True,
             structured=True,
-            structured_defaults=StructuredDefaults("fused", "adaptive", bias_compensation=True, ratio_spread=0.2),
+            structured_defaults=StructuredDefaults("fused", "global", bias_compensation=True, ratio_spread=0.2),
         ),
         Method(
             "flap",

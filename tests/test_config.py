@@ -192,12 +192,23 @@ def test_sparsegpt_blocksize_must_fit_pattern():
         build_config(overrides={"method": "sparsegpt", "pattern": "2:4", "sparsegpt_blocksize": 6})
 
 
+def test_global_allocation_goes_with_every_importance_adaptive_with_gradient_measures_only():
+    assert build_config(overrides={"method": "saap"}).structured.allocation == "global"  # saap's default
+    assert build_config(overrides={"method": "flap", "allocation": "uniform"}).structured.importance == "fluctuation"
+    assert build_config(overrides={"method": "saap", "importance": "element"}).structured.allocation == "global"
+    with pytest.raises(ConfigError, match="allocation 'adaptive' does not go with importance 'fluctuation'"):
+        build_config(overrides={"method": "flap", "allocation": "adaptive"})
+
+
 def test_ratio_spread_bounds_the_adaptive_allocation_only():
-    assert build_config(overrides={"method": "saap", "ratio_spread": 0.1}).structured.ratio_spread == 0.1
-    assert build_config(overrides={"method": "saap"}).structured.ratio_spread == 0.2  # saap's default
+    adaptive = {"method": "saap", "allocation": "adaptive"}
+    assert build_config(overrides={**adaptive, "ratio_spread": 0.1}).structured.ratio_spread == 0.1
+    assert build_config(overrides=adaptive).structured.ratio_spread == 0.2  # saap's default
+    assert build_config(overrides={"method": "saap"}).structured.ratio_spread is None  # saap's allocation: global
     assert build_config(overrides={"method": "saap", "allocation": "uniform"}).structured.ratio_spread is None
     assert build_config(overrides={"method": "flap"}).structured.ratio_spread is None
-    with pytest.raises(ConfigError, match="ratio_spread bounds the adaptive allocation"):
-        build_config(overrides={"method": "flap", "ratio_spread": 0.1})
+    for method in ("flap", "saap"):
+        with pytest.raises(ConfigError, match="ratio_spread bounds the adaptive allocation"):
+            build_config(overrides={"method": method, "ratio_spread": 0.1})
     with pytest.raises(ConfigError, match="ratio_spread must be a positive number"):
         build_config(overrides={"method": "saap", "ratio_spread": 0.0})

@@ -291,6 +291,21 @@ def test_global_threshold_weighs_each_unit_by_the_parameters_it_removes():
     assert allocate([heads, mlp], 12, "global", scores) == [1, 2]
 
 
+def test_the_global_cut_compares_gradient_scores_standardised_per_module():
+    from dist_prune.structured.scoring import ModuleScores, comparable_scores
+
+    def scored(values: list[float]) -> ModuleScores:
+        return ModuleScores(0, MLP, GQA, torch.tensor(values), 0.0, torch.zeros(1))
+
+    # the same ranking at ten times the scale: the same standardised scores, so the cut treats them alike
+    modules = [scored([1.0, 2.0, 3.0]), scored([10.0, 20.0, 30.0]), scored([5.0])]
+    fused = comparable_scores(modules, "fused")
+    torch.testing.assert_close(fused[0], torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(fused[1], fused[0])
+    assert fused[2].tolist() == [0.0]  # one unit: no spread to standardise by
+    assert comparable_scores(modules, "fluctuation")[1] is modules[1].scores  # standardised by its definition
+
+
 def test_compensation_bias_is_the_removed_columns_times_their_mean():
     torch.manual_seed(0)
     W, mean = torch.randn(3, 10), torch.randn(10)

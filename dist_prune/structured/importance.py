@@ -104,7 +104,10 @@ def fluctuation_channels(W: Tensor, variance: Tensor) -> Tensor:
 
 
 def standardize(values: Tensor) -> Tensor:
-    """(x - mean) / std over the vector (std with Bessel's correction, as FLAP's reference code)."""
+    """(x - mean) / std over the vector (std with Bessel's correction, as FLAP's reference code); zeros for a
+    single value."""
+    if values.numel() < 2:
+        return torch.zeros_like(values)
     return (values - values.mean()) / values.std().clamp_min(torch.finfo(values.dtype).tiny)
 
 

@@ -46,6 +46,7 @@ from .scoring import (
     CalibrationSource,
     ModuleScores,
     calibration_steps,
+    comparable_scores,
     score_modules,
 )
 from .surgery import copy_modeling_file, kept_sizes, layer_shape, output_config, rebuild_smaller
@@ -144,7 +145,7 @@ def _choose_removals(
     if weights is not None:
         log.info("fusion weights: %s", ", ".join(f"{kind} {m} {w:.3g}" for (kind, m), w in weights.items()))
     modules = [Module(m.layer, m.kind, removal_steps(m.kind, m.shape, GQA_MODE), m.instability) for m in scored]
-    counts = allocate(modules, target, s.allocation, [m.scores for m in scored], s.ratio_spread)
+    counts = allocate(modules, target, s.allocation, comparable_scores(scored, s.importance), s.ratio_spread)
     return scored, counts, kept_units(scored, counts), weights
 
 

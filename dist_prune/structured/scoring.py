@@ -44,6 +44,7 @@ from .importance import (
     fuse,
     group_measures,
     instability,
+    standardize,
 )
 from .surgery import layer_shape
 
@@ -146,6 +147,13 @@ def score_modules(
         for (layer, kind), scores in final.items()
     ]
     return scored, weights
+
+
+def comparable_scores(scored: list[ModuleScores], importance: str) -> list[Tensor]:
+    """Each module's scores on one scale across layers and kinds, for the global cut: (x - mean) / std over
+    the module's units. FLAP's fluctuation scores are standardised by their own definition already
+    (importance.fluctuation_scores: attention per channel, before the head average), so they stay as they are."""
+    return [m.scores if importance in FORWARD_ONLY else standardize(m.scores) for m in scored]
 
 
 def measure_weights(per_batch: list[dict[Key, dict[str, Tensor]]]) -> dict[tuple[str, str], float]:
