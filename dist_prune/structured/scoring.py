@@ -132,6 +132,7 @@ def score_modules(
         sums = batch_sums(model, source, batch, layers, importance, workers, progress)
         per_batch.append(module_measures(model, sums, layers, importance, mode))
         totals = sums if totals is None else totals.add_(sums)
+        del sums  # else this batch's sums (two fp32 sets of the pruned weights) live through the next pass
     weights = measure_weights(per_batch) if importance == "fused" else None
     final = combine(module_measures(model, totals, layers, importance, mode), importance, weights)
     batch_scores = [combine(measures, importance, weights) for measures in per_batch]
