@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random LLaMA checkpoints built in-process, with the real SmolLM2 tokenizer."""
 
+import faulthandler
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,41 @@ def ray_head():
     assert started.returncode == 0, started.stdout + started.stderr
     yield f"127.0.0.1:{port}"
     cli([ray, "stop", "--force"])
+
+
+def spawn_workers(fn, world: int, args: tuple, log_dir: Path) -> None:
+    """`fn(rank, *args)` in `world` spawned processes, each with its stderr in log_dir/rank<r>.log and Python's
+    fault handler on, so a worker that aborts inside C++ (gloo, a BLAS) leaves its last words and the Python
+    stacks of every thread. A failure is raised with those words on one line: CI shows only the summary."""
+    import torch.multiprocessing as mp
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.spawn(_logged_worker, args=(fn, args, log_dir), nprocs=world, join=True)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as failure:
+        last_line = [line for line in str(failure).splitlines() if line.strip()][-1]  # the exception or signal
+        raise RuntimeError(f"{last_line}; {_stderr_tails(log_dir, world)}\n{failure}") from failure
+
+
+def _logged_worker(rank: int, fn, args: tuple, log_dir: Path) -> None:
+    log = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 -- open until the process ends
+    os.dup2(log.fileno(), 2)  # the file descriptor itself: C++ writes there, not to sys.stderr
+    sys.stderr = log
+    faulthandler.enable(log, all_threads=True)
+    fn(rank, *args)
+
+
+def _stderr_tails(log_dir: Path, world: int) -> str:
+    return "; ".join(f"rank {rank} stderr: {_last_words(log_dir / f'rank{rank}.log')}" for rank in range(world))
+
+
+def _last_words(log: Path, lines: int = 5) -> str:
+    """The lines before a fault dump (the C++ 'what()') and the top of the aborting thread's stack, or the
+    last lines when there was no fault."""
+    if not log.is_file():  # the worker was stopped before it started
+        return "(empty)"
+    text = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    text = [line for line in text if not line.startswith("Extension modules")]
+    current = next((i for i, line in enumerate(text) if line.startswith("Current thread")), None)
+    words = text[-lines:] if current is None else text[max(current - lines, 0) : current + lines]
+    return " | ".join(line.strip() for line in words) or "(empty)"

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import write_tiny_llama
+from conftest import spawn_workers, write_tiny_llama
 from reference import gradient_pass, plain_and_input_sums
 from safetensors.torch import load_file, save_file
 
@@ -186,7 +185,7 @@ def run_workers(world: int, data: dict, out: Path) -> list[dict]:
     else:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        mp.spawn(worker, args=(world, free_port(), data, out), nprocs=world)
+        spawn_workers(worker, world, (world, free_port(), data, out), out / "logs")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import write_tiny_llama
+from conftest import spawn_workers, write_tiny_llama
 from safetensors import safe_open
 
 from dist_prune.config import build_config
@@ -98,11 +97,11 @@ def _worker_main(rank: int, world: int, port: int, jobs: list) -> None:
         teardown()
 
 
-def prune_on_workers(world: int, configs: list) -> None:
+def prune_on_workers(world: int, configs: list, log_dir: Path) -> None:
     from dist_prune.distributed import free_port
 
     configs = [replace(c, runtime=replace(c.runtime, workers=world)) for c in configs]
-    mp.spawn(_worker_main, args=(world, free_port(), configs), nprocs=world, join=True)
+    spawn_workers(_worker_main, world, (world, free_port(), configs), log_dir)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +113,7 @@ def outputs(uneven_llama, text_file, tmp_path_factory) -> dict[int, Path]:
     for config in run_configs(uneven_llama, root / "w1", text_file):
         prune(config)
     for world in (2, 3):
-        prune_on_workers(world, run_configs(uneven_llama, root / f"w{world}", text_file))
+        prune_on_workers(world, run_configs(uneven_llama, root / f"w{world}", text_file), root / f"logs-w{world}")
     assert not list(root.rglob(".dist_prune-scratch*")), "scratch files left behind"
     return {world: root / f"w{world}" for world in (1, 2, 3)}
 
