@@ -97,10 +97,12 @@ def _worker_main(rank: int, world: int, port: int, jobs: list) -> None:
         teardown()
 
 
-def prune_on_workers(world: int, configs: list, log_dir: Path) -> None:
+def prune_on_workers(world: int, configs: list) -> None:
+    """The configs' jobs in order on `world` spawned workers; their stderr goes beside the first job's output."""
     from dist_prune.distributed import free_port
 
     configs = [replace(c, runtime=replace(c.runtime, workers=world)) for c in configs]
+    log_dir = Path(configs[0].out).parent / f"worker-logs-w{world}"
     spawn_workers(_worker_main, world, (world, free_port(), configs), log_dir)
 
 
@@ -113,7 +115,7 @@ def outputs(uneven_llama, text_file, tmp_path_factory) -> dict[int, Path]:
     for config in run_configs(uneven_llama, root / "w1", text_file):
         prune(config)
     for world in (2, 3):
-        prune_on_workers(world, run_configs(uneven_llama, root / f"w{world}", text_file), root / f"logs-w{world}")
+        prune_on_workers(world, run_configs(uneven_llama, root / f"w{world}", text_file))
     assert not list(root.rglob(".dist_prune-scratch*")), "scratch files left behind"
     return {world: root / f"w{world}" for world in (1, 2, 3)}
 
