@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random LLaMA checkpoints built in-process, with the real SmolLM2 tokenizer."""
+"""Shared fixtures: tiny random LLaMA checkpoints built in-process, with the real SmolLM2 tokenizer; spawned
+workers that keep their stderr (`spawn_workers`)."""
 
 import faulthandler
 import os
