@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -92,12 +93,24 @@ def _start_heartbeat(address: str, port: int, rank: int, world_size: int, limit_
     _heartbeats.append(Heartbeat(address, port, rank, world_size, limit_s).start())
 
 
+# How long teardown lets gloo's worker threads finish releasing their last collectives (see teardown).
+GLOO_RELEASE_S = 0.2
+
+
 def teardown() -> None:
-    """Stop the heartbeat and leave the process group; safe to call when none was started."""
+    """Stop the heartbeat and leave the process group; safe to call when none was started.
+
+    A collective returns before gloo's worker thread has destroyed its work, whose tensors drop their Python
+    objects under the GIL; destroy_process_group does not join those threads. If the process finalises in
+    that window the thread cannot take the GIL and the process aborts (std::terminate, seen as a SIGABRT
+    after a finished job), so the main thread sleeps briefly, without the GIL, before it may exit."""
     while _heartbeats:
         _heartbeats.pop().stop()
     if dist.is_initialized():
+        uses_gloo = dist.get_backend() == "gloo"
         dist.destroy_process_group()
+        if uses_gloo:
+            time.sleep(GLOO_RELEASE_S)
 
 
 def free_port() -> int:
