@@ -4,7 +4,6 @@ workers that keep their stderr (`spawn_workers`)."""
 import faulthandler
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -99,10 +98,11 @@ def spawn_workers(fn, world: int, args: tuple, log_dir: Path) -> None:
 
 
 def _logged_worker(rank: int, fn, args: tuple, log_dir: Path) -> None:
-    log = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 -- open until the process ends
-    os.dup2(log.fileno(), 2)  # the file descriptor itself: C++ writes there, not to sys.stderr
-    sys.stderr = log
-    faulthandler.enable(log, all_threads=True)
+    # The file descriptor itself: C++ writes there too, and so do sys.stderr and the fault handler.
+    log = os.open(log_dir / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 2)
+    os.close(log)
+    faulthandler.enable(all_threads=True)
     fn(rank, *args)
 
 
