@@ -47,7 +47,7 @@ def gradient_pass(
 
 def _accumulator(acc: Tensor, scale: float, norm: str):
     def hook(param: Tensor) -> None:
-        accumulate_sample_gradient(acc, param.grad, scale, norm)
+        accumulate_sample_gradient(acc, param.grad * scale, norm)
         param.grad = None  # the next sequence must start from zero, and memory is freed at once
 
     return hook

@@ -137,5 +137,5 @@ def test_sorting_rows_in_blocks_changes_nothing(select, monkeypatch):
     scores = torch.randint(0, 5, (37, 24), generator=torch.Generator().manual_seed(4)).float()
     choose = (lambda s: masks.prune_lowest_per_row(s, 0.5)) if select == "row" else (lambda s: masks.prune_n_m(s, 2, 4))
     whole = choose(scores)
-    monkeypatch.setattr(masks, "SORT_BLOCK_ELEMENTS", 50)  # two rows per block, the last block short
+    monkeypatch.setattr(masks, "SELECT_BLOCK_ELEMENTS", 50)  # two rows per block, the last block short
     assert torch.equal(choose(scores), whole)

@@ -110,7 +110,7 @@ def test_input_statistics_scaler_and_hessian():
 def test_hessian_is_added_by_blocks_of_rows_and_made_in_place(monkeypatch):
     """X^T X goes in blocks of rows (no whole fp32 product beside the fp64 sum); round_once turns the sum into
     the Hessian without keeping both."""
-    monkeypatch.setattr(stats_module, "PRODUCT_BLOCK_ELEMENTS", 10)  # 2 rows of 5 per block: 3 blocks
+    monkeypatch.setitem(stats_module.PRODUCT_BLOCK_ELEMENTS, "cpu", 10)  # 2 rows of 5 per block: 3 blocks
     batches = make_batches()
     stats = InputStatistics(5, with_hessian=True)
     for x in batches:
@@ -181,8 +181,8 @@ def test_gradient_accumulation_l2_and_l1():
     acc2 = torch.zeros(3, 4)
     acc1 = torch.zeros(3, 4)
     for g in grads:
-        accumulate_sample_gradient(acc2, g, scale, "l2")
-        accumulate_sample_gradient(acc1, g, scale, "l1")
+        accumulate_sample_gradient(acc2, g * scale, "l2")
+        accumulate_sample_gradient(acc1, g * scale, "l1")
     for i in range(3):
         for j in range(4):
             values = [g[i, j].item() for g in grads]
@@ -199,12 +199,14 @@ def test_gradient_accumulation_l2_and_l1():
     assert acc1.abs().sum() > 0
 
 
-def test_gradient_accumulator_is_fp32_from_bf16_grad():
-    acc = torch.zeros(2, 2)
-    g = torch.tensor([[1e-3, -2e-3], [3e-3, 0.0]], dtype=torch.bfloat16)
-    accumulate_sample_gradient(acc, g, 100.0, "l2")
-    assert acc.dtype == torch.float32
-    assert torch.allclose(acc, (g.float() * 100).square(), rtol=1e-6)
+def test_a_bf16_gradients_square_is_added_exactly():
+    """The square of a bf16 number is exact in fp32: the fp64 accumulator holds exactly the sum of squares."""
+    acc = torch.zeros(2, 2, dtype=torch.float64)
+    g = torch.tensor([[0.1, -0.2], [0.3, 0.0]], dtype=torch.bfloat16) * 100
+    accumulate_sample_gradient(acc, g, "l2")
+    accumulate_sample_gradient(acc, g, "l2")
+    assert acc.dtype == torch.float64
+    assert torch.equal(acc, 2 * g.double().square())
 
 
 def test_prune_weight_gblm_uses_both_terms():
@@ -213,7 +215,7 @@ def test_prune_weight_gblm_uses_both_terms():
     stats = InputStatistics(4, with_hessian=False)
     stats.update(torch.tensor([[[1.0, 1.0, 2.0, 0.0]]]))  # column 3 has no activation
     G = torch.tensor([[0.0, 0.0, 0.0, 10.0], [0.0, 0.0, 0.0, 0.0]])
-    out = prune_weight(W, MethodConfig(method="gblm", sparsity=0.5), stats, G)
+    out = prune_weight(W, MethodConfig(method="gblm", sparsity=0.5), stats, G.square())  # the l2 sums give G
     assert out.mask.tolist() == [[True, True, False, False], [True, False, False, True]]
     assert torch.equal(out.weight, W.masked_fill(out.mask, 0.0))
     wanda = prune_weight(W, MethodConfig(method="wanda", sparsity=0.5), stats, None)

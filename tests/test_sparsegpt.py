@@ -1,9 +1,18 @@
 """SparseGPT against a plain, slow per-column OBS loop (no lazy block updates), in float64."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from dist_prune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from dist_prune.methods import sparsegpt
+from dist_prune.methods.masks import prune_lowest_in_matrix
+from dist_prune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_group
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def slow_lowest(values: list[float], k: int) -> list[int]:
@@ -182,27 +191,98 @@ def test_inverse_hessian_factor_matches_definition():
     assert torch.allclose((U.T @ U).double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
 
 
+def global_selector(whole_mask, rows, blocksize, cols):
+    """The unstructured block threshold is cross-row: a shard's selector that knows the whole matrix's answer
+    (what ShardSelector computes across workers)."""
+    calls = iter(range(0, cols, blocksize))
+
+    def select(scores, ratio):
+        start = next(calls)
+        return whole_mask[rows, start : start + blocksize]
+
+    return select
+
+
+@pytest.mark.parametrize("chunk", [1024, 3])
 @pytest.mark.parametrize("nm", [(2, 4), None])
-def test_row_shards_give_the_same_result(nm):
-    """Given Hinv, rows are independent: N:M on row shards equals the whole; unstructured with a global selector."""
+def test_row_shards_give_the_same_bits(nm, chunk, monkeypatch):
+    """Given Hinv, rows are independent, and every product is made ROW_CHUNK rows at a time at each row's place
+    in the whole matrix: any split of the rows gives the whole matrix's bits (chunk 3: shards cut chunks)."""
+    monkeypatch.setattr(sparsegpt, "ROW_CHUNK", chunk)
     W, H = problem(10, 64, seed=12)
     whole = sparsegpt_prune(W, H, 0.5, nm, 32, 0.01)
-    if nm is None:
-        # the block threshold is cross-row: a shard with a selector that knows the global answer agrees
-        def selector_for(rows):
-            calls = iter(range(0, 64, 32))
+    for cuts in ((0, 4, 10), (0, 1, 5, 10), (0, 7, 10)):
+        parts = []
+        for start, stop in zip(cuts, cuts[1:], strict=False):
+            rows = slice(start, stop)
+            select = global_selector(whole.mask, rows, 32, 64) if nm is None else prune_lowest_in_matrix
+            parts.append(sparsegpt_prune(W[rows], H, 0.5, nm, 32, 0.01, block_selector=select, first_row=start))
+        assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)
+        assert torch.equal(torch.cat([p.weight for p in parts]), whole.weight)
 
-            def select(scores, ratio):
-                start = next(calls)
-                return whole.mask[rows, start : start + 32]
 
-            return select
+@pytest.mark.parametrize("nm", [(2, 4), None])
+def test_a_group_gives_each_member_its_own_bits(nm):
+    """q/k/v (or gate/up) pruned together share H's factor and the column steps: each gets what it alone gets."""
+    W1, H = problem(10, 64, seed=13)
+    W2 = torch.randn(6, 64, generator=torch.Generator().manual_seed(14))
+    alone = [sparsegpt_prune(W, H, 0.5, nm, 32, 0.01) for W in (W1, W2)]
+    together = sparsegpt_prune_group([W1, W2], H, 0.5, nm, 32, 0.01, [prune_lowest_in_matrix] * 2, [0, 0])
+    for one, member in zip(alone, together, strict=True):
+        assert torch.equal(one.mask, member.mask) and torch.equal(one.weight, member.weight)
 
-        parts = [
-            sparsegpt_prune(W[rows], H, 0.5, nm, 32, 0.01, block_selector=selector_for(rows))
-            for rows in (slice(0, 4), slice(4, 10))
-        ]
-    else:
-        parts = [sparsegpt_prune(W[rows], H, 0.5, nm, 32, 0.01) for rows in (slice(0, 4), slice(4, 10))]
-    assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)
-    assert torch.allclose(torch.cat([p.weight for p in parts]), whole.weight, rtol=1e-5, atol=1e-6)
+
+THREADS_SCRIPT = """
+import sys, torch
+from dist_prune.methods.sparsegpt import sparsegpt_prune
+torch.set_num_threads(int(sys.argv[1]))
+gen = torch.Generator().manual_seed(0)
+X = torch.randn(3000, 1536, generator=gen) * (torch.rand(1536, generator=gen) + 0.1)
+H = X.T @ X * (2 / 6)
+W = torch.randn(576, 1536, generator=gen)
+result = sparsegpt_prune(W, H, 0.5, None, 128, 0.01)
+torch.save({"weight": result.weight, "mask": result.mask}, sys.argv[2])
+"""
+
+
+def test_the_thread_count_changes_no_bit(tmp_path):
+    """SmolLM2's down_proj shape with 1 and 2 threads: LAPACK's factorisation would differ in its last bits
+    (it runs on one thread); the matrix products do not depend on the thread count."""
+    results = []
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}.pt"
+        subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(threads), str(out)], check=True, cwd=ROOT)
+        results.append(torch.load(out))
+    assert torch.equal(results[0]["mask"], results[1]["mask"])
+    assert torch.equal(results[0]["weight"], results[1]["weight"])
+
+
+KERNEL_SCRIPT = """
+import torch
+from dist_prune.methods.masks import prune_lowest_in_matrix
+from dist_prune.methods.obs_kernel import obs_block
+from dist_prune.methods.sparsegpt import inverse_hessian_factor, obs_columns
+
+gen = torch.Generator().manual_seed(0)
+for rows, width, nm in ((37, 32, None), (37, 32, (2, 4)), (20, 24, (4, 8)), (5, 20, None)):
+    X = torch.randn(4 * width, width, generator=gen)
+    Hinv, _ = inverse_hessian_factor(X.T @ X, 0.01)
+    W = torch.randn(rows, width, generator=gen)
+    W[:, ::3] = W[:, 1:2]  # ties
+    d = Hinv.diagonal()
+    mask = prune_lowest_in_matrix(W.square() / d.square(), 0.5) if nm is None else torch.zeros_like(W, dtype=torch.bool)
+    w1, m1, w2, m2 = W.clone(), mask.clone(), W.clone(), mask.clone()
+    e1 = obs_columns(w1, Hinv, m1, nm)
+    e2 = obs_block(w2, Hinv.contiguous(), m2, nm)
+    assert torch.equal(m1, m2) and torch.equal(w1, w2) and torch.equal(e1, e2), (rows, width, nm)
+print("same bits")
+"""
+
+
+def test_the_gpu_kernel_does_what_the_loop_does():
+    """The Triton kernel of the OBS loop, run by Triton's interpreter on the CPU (tests/test_cuda.py runs it on a
+    GPU): the torch loop's bits, with N:M chosen inside the kernel and a padded last block (24, 20 columns)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "same bits" in done.stdout, done.stderr[-2000:]

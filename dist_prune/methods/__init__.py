@@ -1,6 +1,7 @@
 """The pruning maths: pure functions of tensors, with no I/O and no knowledge of workers.
 
-`prune_weight` is the one place that knows which method needs which statistic.
+`prune_group` is the one place that knows which method needs which statistic. The Linears that read the same
+input are pruned together: they share their input statistics, and SparseGPT factorises their Hessian once.
 """
 
 from collections.abc import Callable
@@ -10,12 +11,9 @@ from torch import Tensor
 
 from ..config import MethodConfig, parse_pattern
 from .masks import prune_lowest_in_matrix, select_mask
-from .scores import gblm_score, magnitude_score, wanda_score
-from .sparsegpt import sparsegpt_prune
+from .scores import gblm_score, gradient_term, magnitude_score, wanda_score
+from .sparsegpt import sparsegpt_prune_group
 from .stats import InputStatistics
-
-NEEDS_ACTIVATIONS = {"magnitude": False, "wanda": True, "sparsegpt": True, "gblm": True}
-NEEDS_HESSIAN = {"magnitude": False, "wanda": False, "sparsegpt": True, "gblm": False}
 
 MatrixSelector = Callable[[Tensor, float], Tensor]
 
@@ -30,25 +28,44 @@ class PruneOutcome:
     score_sum: float | None = None
 
 
+@dataclass(frozen=True)
+class GroupMember:
+    """One Linear of an input group as this worker holds it: its rows from `first_row` of the whole matrix."""
+
+    weight: Tensor
+    first_row: int = 0
+    selector: MatrixSelector = prune_lowest_in_matrix  # one threshold over the whole matrix (or SparseGPT block)
+    gradient_sums: Tensor | None = None  # GBLM: sum_n (s g_n)^2 (l2) or sum_n |s g_n| (l1) of these rows
+
+
+def prune_group(
+    members: dict[str, GroupMember], cfg: MethodConfig, stats: InputStatistics | None
+) -> dict[str, PruneOutcome]:
+    """Score and mask the Linears that read one input (or row shards of them) with the configured method.
+
+    A member's `selector(scores, ratio)` makes the one-threshold-per-matrix choices (per-matrix magnitude,
+    SparseGPT's unstructured blocks); on a row shard the caller passes an exact cross-worker selection."""
+    if cfg.method == "sparsegpt":
+        assert stats is not None
+        results = sparsegpt_prune_group(
+            [m.weight for m in members.values()], stats.hessian(), cfg.sparsity, parse_pattern(cfg.pattern),
+            cfg.sparsegpt_blocksize, cfg.sparsegpt_damp, [m.selector for m in members.values()],
+            [m.first_row for m in members.values()],
+        )  # fmt: skip
+        return {name: PruneOutcome(r.weight, r.mask, r.damp) for name, r in zip(members, results, strict=True)}
+    return {name: prune_weight(m.weight, cfg, stats, m.gradient_sums, m.selector) for name, m in members.items()}
+
+
 def prune_weight(
     W: Tensor,
     cfg: MethodConfig,
     stats: InputStatistics | None,
-    G: Tensor | None,
+    gradient_sums: Tensor | None = None,
     matrix_selector: MatrixSelector = prune_lowest_in_matrix,
 ) -> PruneOutcome:
-    """Score and mask one weight matrix (or a row shard of one) with the configured method.
-
-    `matrix_selector(scores, ratio)` makes the one-threshold-per-matrix choices (per-matrix magnitude,
-    SparseGPT's unstructured blocks); on a row shard the caller passes an exact cross-worker selection.
-    """
+    """Score and mask one weight matrix (or a row shard of one) with a score-based method."""
     nm = parse_pattern(cfg.pattern)
-    if cfg.method == "sparsegpt":
-        assert stats is not None
-        result = sparsegpt_prune(
-            W, stats.hessian(), cfg.sparsity, nm, cfg.sparsegpt_blocksize, cfg.sparsegpt_damp, matrix_selector
-        )
-        return PruneOutcome(result.weight, result.mask, result.damp)
+    G = gradient_term(gradient_sums.float(), cfg.gblm_norm) if gradient_sums is not None else None
     scores = _scores(W, cfg, stats, G)
     if nm is None and cfg.method == "magnitude" and cfg.magnitude_scope == "matrix":
         mask = matrix_selector(scores, cfg.sparsity)
@@ -56,7 +73,7 @@ def prune_weight(
         mask = select_mask(scores, cfg.sparsity, nm)
     outcome = PruneOutcome(W.float().masked_fill(mask, 0.0), mask)
     if G is not None:
-        outcome.gradient_score_sum = float((W.float().abs() * G.float()).sum())
+        outcome.gradient_score_sum = float((W.float().abs() * G).sum())
         outcome.score_sum = float(scores.sum())
     return outcome
 

@@ -3,6 +3,7 @@
 All scores are computed in fp32 whatever the weight dtype, as in the reference implementations.
 """
 
+import torch
 from torch import Tensor
 
 
@@ -20,10 +21,12 @@ def gblm_score(W: Tensor, scaler_row: Tensor, G: Tensor) -> Tensor:
     return wanda_score(W, scaler_row) + W.float().abs() * G.float()
 
 
-def accumulate_sample_gradient(acc: Tensor, grad: Tensor, scale: float, norm: str) -> None:
-    """Add one sequence's gradient to the fp32 accumulator: (s g)^2 for l2, |s g| for l1."""
-    scaled = grad.float() * scale
-    acc.add_(scaled.square() if norm == "l2" else scaled.abs())
+def accumulate_sample_gradient(acc: Tensor, scaled_grad: Tensor, norm: str) -> None:
+    """Add one sequence's gradient, already scaled (s g), to the accumulator: (s g)^2 for l2, |s g| for l1.
+
+    Each addend is a number exact in fp32 (the square of a bf16 or fp16 gradient is exact there; an fp32
+    gradient's square is rounded to fp32), so fp64 accumulators add them exactly in any order."""
+    acc.add_(scaled_grad.to(torch.float32, copy=True).square_() if norm == "l2" else scaled_grad.abs())
 
 
 def gradient_term(acc: Tensor, norm: str) -> Tensor:

@@ -1,11 +1,27 @@
 """SparseGPT (Frantar & Alistarh 2023): prune column blocks and fix the rest with the OBS update.
 
-Given the same Hessian, every output row is processed independently, so the function runs unchanged on a
-row shard. Only the unstructured block threshold compares across rows; it is an argument so that a
-sharded caller can supply an exact cross-worker selection.
+Given the same Hessian, every output row is processed independently, so the functions run unchanged on a
+row shard. Only the unstructured block threshold compares across rows; it is an argument so that a sharded
+caller can supply an exact cross-worker selection.
+
+The Linears that read the same input (q/k/v; gate/up) share H, so they are pruned as one group: H is
+factorised once, and their rows are stacked so that each column step of the OBS loop serves all of them.
+
+The result does not depend on the number of workers or on the threads each uses, bit for bit:
+- every worker factorises the same all-reduced H; LAPACK's blocking follows the thread count (a Cholesky
+  factor of a 1536-wide H differs in its last bits between 1 and 2 threads), so on the CPU the factorisation
+  runs on one thread (matrix products do not depend on the thread count: measured);
+- the column loop is element-wise along each row (on CUDA one Triton kernel per block, obs_kernel.py, doing
+  the same operations in the same order);
+- the lazy update of the later columns is a matrix product, whose rounding can depend on how many rows it
+  multiplies (BLAS picks its kernels by shape; a single row differs from the same row among 350). It is made
+  ROW_CHUNK rows at a time, each matrix's rows placed at their index in the whole matrix modulo ROW_CHUNK, so
+  every row meets a product of the same shape at the same place whichever worker holds it.
 """
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +30,71 @@ from torch import Tensor
 from .masks import prune_lowest_in_matrix, prune_n_m
 
 MAX_DAMP_RETRIES = 6
+ROW_CHUNK = 1024  # rows of one lazy-update product; a fixed shape makes every row's rounding split-independent
+
+BlockSelector = Callable[[Tensor, float], Tensor]
 
 
 @dataclass
 class SparseGPTResult:
-    weight: Tensor
+    weight: Tensor  # fp32
     mask: Tensor  # True where pruned
     damp: float  # damping fraction that made H positive definite
     retried: bool  # the configured damping was not enough
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where one matrix's rows sit in the stacked group, and the index of its first row in the whole matrix."""
+
+    rows: slice
+    first_row: int
+
+
+def sparsegpt_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    block_selector: BlockSelector = prune_lowest_in_matrix,
+    first_row: int = 0,
+) -> SparseGPTResult:
+    """W: (out, in), H: (in, in) = (2/N) sum X X^T. One matrix: a group of one (`sparsegpt_prune_group`)."""
+    return sparsegpt_prune_group([W], H, sparsity, nm, blocksize, damp, [block_selector], [first_row])[0]
+
+
+def sparsegpt_prune_group(
+    weights: list[Tensor],
+    H: Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    blocksize: int,
+    damp: float,
+    block_selectors: list[BlockSelector],
+    first_rows: list[int],
+) -> list[SparseGPTResult]:
+    """The matrices (out_j, in) that read the input whose H = (2/N) sum X X^T is given; each may be a row
+    block of a larger matrix starting at row `first_rows[j]`. Returns each one's updated weight and mask.
+
+    `block_selectors[j](scores, ratio)` picks matrix j's unstructured mask of one (rows x blocksize) block:
+    by default exactly int(numel * ratio) lowest of w^2 / diag(Hinv)^2 (one threshold over the block)."""
+    stack, placements = _stack(weights, first_rows)
+    H = H.float()
+    dead = torch.diag(H) == 0
+    if dead.any():  # a copy only when there is something to change: H is the largest matrix here
+        H = H.clone()
+        H[dead, dead] = 1
+        stack[:, dead] = 0
+    Hinv, used = inverse_hessian_factor(H, damp)
+    mask = torch.zeros_like(stack, dtype=torch.bool)
+    for i1 in range(0, stack.shape[1], blocksize):
+        i2 = min(i1 + blocksize, stack.shape[1])
+        block_mask = None if nm is not None else _block_mask(stack, Hinv, i1, i2, sparsity, placements, block_selectors)
+        err = _prune_block(stack, Hinv, mask, i1, i2, nm, block_mask)
+        _subtract_product(stack[:, i2:], err, Hinv[i1:i2, i2:], placements)
+    return [SparseGPTResult(stack[p.rows], mask[p.rows], used, used != damp) for p in placements]
 
 
 def inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
@@ -32,81 +105,125 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
     """
     mean_diag = torch.mean(torch.diag(H))
     fraction = damp
-    for _ in range(MAX_DAMP_RETRIES):
-        # At most three (in x in) matrices at a time besides H (down_proj's is 764 MB at 13B): no identity
-        # matrix for the damping, and each factor dropped once the next is made.
-        damped = H.clone()
-        damped.diagonal().add_(fraction * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    with _one_thread_on_cpu(H):
+        for _ in range(MAX_DAMP_RETRIES):
+            # At most three (in x in) matrices at a time besides H (down_proj's is 764 MB at 13B): no identity
+            # matrix for the damping, and each factor dropped once the next is made.
+            damped = H.clone()
+            damped.diagonal().add_(fraction * mean_diag)
+            L, info = torch.linalg.cholesky_ex(damped)
+            del damped
             if info == 0:
-                return U, fraction
-        fraction *= 10
+                Hinv = torch.cholesky_inverse(L)
+                del L
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if info == 0:
+                    return U, fraction
+            fraction *= 10
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damping {fraction / 10:g}")
 
 
-def sparsegpt_prune(
-    W: Tensor,
-    H: Tensor,
-    sparsity: float,
-    nm: tuple[int, int] | None = None,
-    blocksize: int = 128,
-    damp: float = 0.01,
-    block_selector: Callable[[Tensor, float], Tensor] = prune_lowest_in_matrix,
-) -> SparseGPTResult:
-    """W: (out, in), H: (in, in) = (2/N) sum X X^T. Returns the updated weight (in W's dtype) and its mask.
-
-    `block_selector(scores, ratio)` picks the unstructured mask of one (out x blocksize) block: by default
-    exactly int(numel * ratio) lowest of w^2 / diag(Hinv)^2 (one threshold over the whole block).
-    """
-    W = W.float().clone()
-    H = H.float()
-    dead = torch.diag(H) == 0
-    if dead.any():  # a copy only when there is something to change: H is the largest matrix here
-        H = H.clone()
-        H[dead, dead] = 1
-        W[:, dead] = 0
-    Hinv, used = inverse_hessian_factor(H, damp)
-    mask = torch.zeros_like(W, dtype=torch.bool)
-    columns = W.shape[1]
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        _prune_block(W, Hinv, mask, i1, i2, sparsity, nm, block_selector)
-    return SparseGPTResult(weight=W, mask=mask, damp=used, retried=used != damp)
+@contextmanager
+def _one_thread_on_cpu(tensor: Tensor) -> Iterator[None]:
+    """LAPACK on the CPU splits its work by the thread count, and its rounding with it."""
+    if tensor.is_cuda:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _prune_block(
-    W: Tensor,
+def _stack(weights: list[Tensor], first_rows: list[int]) -> tuple[Tensor, list[_Placement]]:
+    """The group's rows one after another in one fp32 matrix (a copy: the inputs are not modified)."""
+    stack = torch.cat([W.float() for W in weights]) if len(weights) > 1 else weights[0].float().clone()
+    placements, start = [], 0
+    for W, first in zip(weights, first_rows, strict=True):
+        placements.append(_Placement(slice(start, start + W.shape[0]), first))
+        start += W.shape[0]
+    return stack, placements
+
+
+def _block_mask(
+    stack: Tensor,
     Hinv: Tensor,
-    mask: Tensor,
     i1: int,
     i2: int,
     sparsity: float,
-    nm: tuple[int, int] | None,
-    block_selector: Callable[[Tensor, float], Tensor],
-) -> None:
-    """Prune columns i1:i2 one by one with the OBS update inside the block, then update the rest lazily."""
+    placements: list[_Placement],
+    selectors: list[BlockSelector],
+) -> Tensor:
+    """The unstructured mask of columns i1:i2: one threshold per matrix over its whole block (all workers)."""
+    scores = stack[:, i1:i2].square() / torch.diag(Hinv)[i1:i2].square()[None, :]
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    for place, select in zip(placements, selectors, strict=True):
+        mask[place.rows] = select(scores[place.rows], sparsity)
+    return mask
+
+
+def _prune_block(
+    W: Tensor, Hinv: Tensor, mask: Tensor, i1: int, i2: int, nm: tuple[int, int] | None, block_mask: Tensor | None
+) -> Tensor:
+    """Prune columns i1:i2 one by one with the OBS update inside the block; returns the block's errors (for
+    the lazy update of the later columns). N:M chooses each group's mask when the loop reaches it."""
     W1 = W[:, i1:i2].clone()
-    Hinv1 = Hinv[i1:i2, i1:i2]
+    mask1 = block_mask if block_mask is not None else torch.zeros_like(W1, dtype=torch.bool)
+    Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
+    if W1.is_cuda and obs_kernel_available():
+        from .obs_kernel import obs_block
+
+        err1 = obs_block(W1, Hinv1, mask1, nm)
+    else:
+        err1 = obs_columns(W1, Hinv1, mask1, nm)
+    W[:, i1:i2] = W1
+    mask[:, i1:i2] = mask1
+    return err1
+
+
+def obs_columns(W1: Tensor, Hinv1: Tensor, mask1: Tensor, nm: tuple[int, int] | None) -> Tensor:
+    """The OBS loop over one block's columns, in place: for each column, err = w / d where pruned (0 where
+    kept) and the later columns of the block take err (x) Hinv1[i, i:]; pruned weights end at exactly 0.
+    With N:M, each group's mask is chosen from the updated weights when the loop reaches its first column."""
     d = torch.diag(Hinv1)
     err1 = torch.zeros_like(W1)
-    mask1 = torch.zeros_like(W1, dtype=torch.bool)
-    if nm is None:
-        mask1 = block_selector(W1.square() / d.square()[None, :], sparsity)
-    for i in range(i2 - i1):
+    # where kept, dividing by infinity gives the zero error of a weight that stays as it is
+    divisor = torch.where(mask1, d[None, :], math.inf)
+    for i in range(W1.shape[1]):
         if nm is not None and i % nm[1] == 0:
             group = slice(i, i + nm[1])
             mask1[:, group] = prune_n_m(W1[:, group].square() / d[group].square()[None, :], *nm)
-        w = W1[:, i]
-        q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-        err = (w - q) / d[i]
-        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-        W1[:, i] = q
-        err1[:, i] = err
-    W[:, i1:i2] = W1
-    mask[:, i1:i2] = mask1
-    W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+            divisor[:, group] = torch.where(mask1[:, group], d[group][None, :], math.inf)
+        torch.div(W1[:, i], divisor[:, i], out=err1[:, i])
+        W1[:, i:].sub_(err1[:, i, None] * Hinv1[i, i:][None, :])
+    W1.masked_fill_(mask1, 0.0)
+    return err1
+
+
+def obs_kernel_available() -> bool:
+    """The CUDA kernel of the column loop needs Triton (shipped with CUDA builds of torch)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _subtract_product(W: Tensor, err: Tensor, Hinv_rows: Tensor, placements: list[_Placement]) -> None:
+    """W -= err @ Hinv_rows, ROW_CHUNK rows at a time, each chunk aligned with the rows of the whole matrix;
+    a chunk that this worker holds only part of is padded with zero rows to the same shape."""
+    if W.shape[1] == 0:
+        return
+    for place in placements:
+        first = place.rows.start - place.first_row % ROW_CHUNK  # where the whole matrix's chunk starts
+        for start in range(first, place.rows.stop, ROW_CHUNK):
+            rows = slice(max(start, place.rows.start), min(start + ROW_CHUNK, place.rows.stop))
+            if rows.stop - rows.start == ROW_CHUNK:
+                W[rows] -= err[rows] @ Hinv_rows
+                continue
+            padded = err.new_zeros(ROW_CHUNK, err.shape[1])
+            at = rows.start - start
+            padded[at : at + rows.stop - rows.start] = err[rows]
+            W[rows] -= (padded @ Hinv_rows)[at : at + rows.stop - rows.start]

@@ -9,12 +9,21 @@ batches (and workers) are summed, and masks do not depend on how the sequences w
 
 X^T X is added a block of rows at a time: the whole product of down_proj's 13824 inputs at 13B is a 764 MB
 fp32 temporary (1.5 GB more while it is widened to fp64) beside the 1.5 GB fp64 sum.
+
+On CUDA, half-precision inputs go through the tensor cores with an fp32 result (`torch.mm(..., out_dtype=)`):
+a product of two bf16 or fp16 numbers is exact in fp32 and both products accumulate in fp32, so this is the
+precision of the fp32 product of the widened inputs at the tensor cores' rate (an H200 makes down_proj's
+X^T X of 8 x 2048 tokens in 0.05 s, against 1.07 s in fp32). Each batch's product has the same shape and
+inputs whatever the number of workers, so it rounds the same way.
 """
 
 import torch
 from torch import Tensor
 
-PRODUCT_BLOCK_ELEMENTS = 1 << 22  # fp32 elements of one block of X^T X (16 MB)
+# fp32 elements of one block of X^T X: 16 MB on a CPU (whose memory the plan keeps tight); 512 MB on a GPU,
+# where a block of 585 rows of down_proj's 28672 ran the tensor cores at a third of the rate of 4681 rows.
+PRODUCT_BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+HALF = (torch.bfloat16, torch.float16)
 
 
 class InputStatistics:
@@ -30,12 +39,15 @@ class InputStatistics:
 
     def update(self, x: Tensor) -> None:
         """x: (batch, tokens, in). N counts sequences, not tokens (as in the reference code)."""
-        flat = x.reshape(-1, x.shape[-1]).float()  # (batch * tokens, in)
-        self.sum_sq += flat.square().sum(dim=0)
+        flat = x.reshape(-1, x.shape[-1])  # (batch * tokens, in)
+        wide = flat.float()
+        self.sum_sq += wide.square().sum(dim=0)
         if self.sum_xxt is not None:
-            rows = max(1, PRODUCT_BLOCK_ELEMENTS // flat.shape[1])
+            source = flat if _tensor_core_product(flat) else wide
+            del wide
+            rows = max(1, PRODUCT_BLOCK_ELEMENTS[flat.device.type] // flat.shape[1])
             for start in range(0, flat.shape[1], rows):
-                self.sum_xxt[start : start + rows] += flat[:, start : start + rows].T @ flat
+                self.sum_xxt[start : start + rows] += _fp32_product(source[:, start : start + rows].T, source)
         self.count += x.shape[0] if x.dim() == 3 else 1
 
     def round_once(self) -> None:
@@ -61,3 +73,14 @@ class InputStatistics:
         if self.sum_xxt is None:
             raise ValueError("these statistics were collected without the Hessian")
         return (self.sum_xxt * (2.0 / self.count)).float()
+
+
+def _tensor_core_product(x: Tensor) -> bool:
+    return x.is_cuda and x.dtype in HALF and hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _fp32_product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result: half inputs on the tensor cores, accumulating in fp32."""
+    if a.dtype in HALF:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
