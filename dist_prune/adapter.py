@@ -28,6 +28,11 @@ LINEAR_INPUT_OWNER = {
     "mlp.down_proj": "mlp.down_proj",
 }
 LINEARS = tuple(LINEAR_INPUT_OWNER)
+# The Linears that read each input, in pruning order (q/k/v, o, gate/up, down): pruned as one group.
+INPUT_GROUPS = {
+    owner: tuple(name for name in LINEARS if LINEAR_INPUT_OWNER[name] == owner)
+    for owner in dict.fromkeys(LINEAR_INPUT_OWNER.values())
+}
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 

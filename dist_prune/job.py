@@ -9,6 +9,11 @@ as this worker's row block in the checkpoint's dtype (resident). Per decoder lay
     all-gather the pruned rows -> calibration and pruned-evaluation states through the pruned layer ->
     worker 0 writes the layer's file
 
+Reading the next layer and writing the finished one overlap the compute (background.py): the layer is read
+ahead while the previous one computes, and written and hashed behind while the next one does. Each layer's
+time is split by phase (progress.PhaseClock) into prune_report.json: read, read_wait, h2d, forward,
+statistics, pruning, d2h, write_wait on this thread; read, write and hash in the background.
+
 GBLM's gradient sums come first, from the layer-wise gradient pass (distributed/layer_gradients.py) or a
 saved file, and each worker keeps only its rows of them, in the scratch directory.
 """
@@ -17,7 +22,8 @@ import json
 import math
 import resource
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from .adapter import (
     EMBEDDING,
-    LINEAR_INPUT_OWNER,
+    INPUT_GROUPS,
     LINEARS,
     Head,
     Stem,
@@ -36,6 +42,7 @@ from .adapter import (
     layer_prefix,
     linear_weight_name,
 )
+from .background import Background, Prefetcher, page_locked, to_host, to_host_dict
 from .checkpoint import load_tokenizer, open_checkpoint
 from .config import PruneConfig
 from .data import (
@@ -55,11 +62,10 @@ from .gradients import GradientSumsWriter, gradient_shapes, read_layer_gradient_
 from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run_layer
 from .log import get_logger
 from .memory import EVAL_BATCH, plan_for
-from .methods import prune_weight
-from .methods.scores import gradient_term
-from .progress import Progress
+from .methods import GroupMember, prune_group
+from .progress import PhaseClock, Progress, rounded
 from .registry import method
-from .report import build_report
+from .report import build_report, phase_report
 from .writer import CheckpointWriter, Interrupted, finish_run
 
 log = get_logger()
@@ -80,14 +86,20 @@ class Run:
         self.model_config = AutoConfig.from_pretrained(self.info.model_files)
         self.dtype = compute_dtype(workers.device, self.info.weight_dtype)
         self.method = method(config.prune.method)
+        self.clock = PhaseClock(workers.device)  # the layer loop's phases
+        self.gradient_clock = PhaseClock(workers.device)  # the gradient pass's
         with progress.phase("load"):
-            self.store = ResidentStore(self.info, workers) if r.residency == "resident" else StreamStore(self.info)
+            resident = r.residency == "resident"
+            self.store = ResidentStore(self.info, workers) if resident else StreamStore(self.info, workers.device)
 
     def stem(self) -> Stem:
         return Stem(self.model_config, self.store.read([EMBEDDING])[EMBEDDING].to(self.workers.device), self.dtype)
 
     def layer(self, index: int, state: dict[str, Tensor]):
         return build_layer(self.model_config, index, state, self.dtype).to(self.workers.device)
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -> dict | None:
@@ -97,13 +109,14 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         stop = stack.enter_context(StopRequest())
         run = Run(config, workers, progress, scratch)
+        stack.callback(run.close)
         windows, eval_windows, _ = token_windows(config, run.info.model_files, progress)
         writer = stack.enter_context(_writer(config, run.info.num_layers)) if workers.is_main else None
         finished = writer.verified_layers() if writer is not None else []
         done = int(sum_across_workers([float(len(finished))], workers.device)[0])  # worker 0 alone knows
         if done:
             log.info("resuming: layers 0-%d of the interrupted run verify and are reused", done - 1)
-        gradients = _gradient_rows(run, windows, done) if run.method.gradients else None
+        gradients = stack.enter_context(_gradient_rows(run, windows, done)) if run.method.gradients else None
         with progress.phase("stem"):  # layer 0's inputs, from the embedding
             stem = run.stem() if run.method.statistics or eval_windows is not None else None  # read once for both
             calibration = (
@@ -122,6 +135,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         layers = finished + layers
         report = build_report(config, run.info, layers, perplexities, eval_windows, windows, progress.timings, workers)
         report.update(workers=memory, memory_plan=plan_for(config, run.info).to_dict(), resumed_layers=done)
+        report.update(phase_report(layers[done:], run.gradient_clock.totals))
         finish_run(writer, config, report, windows, run.info.model_files, run.info.config, run.info.weight_dtype)
     log.info("wrote %s", config.out)
     return report
@@ -154,49 +168,108 @@ def result_settings(config: PruneConfig) -> dict:
 def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int, stop, advance) -> list[dict]:
     """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time. The first `done`
     layers were finished by an interrupted run: their written weights are propagated, not pruned again."""
-    layers = []
+    layers, clock = [], run.clock
     for index in range(run.info.num_layers):
         start = time.perf_counter()
-        layer = run.layer(index, _finite(run.store.layer(index), "the checkpoint's weight"))  # one layer in memory
+        layer = _read_layer(run, index)  # one layer in memory (and the next one being read)
         if evaluation is not None:
-            evaluation.dense = run_layer(layer, evaluation.dense)
+            with clock("forward"):
+                evaluation.dense = run_layer(layer, evaluation.dense)
         if index < done:
             like = _saved_state(run, layer, index, {})  # the names, shapes and dtypes worker 0 sends
-            state, notes = broadcast_from_first(writer.read_layer(index) if writer else None, like=like), None
+            with clock("h2d"):
+                state = _on_device(broadcast_from_first(_replayed(writer, index, run), like=like), run)
+            notes = None
         else:
-            state, notes = _prune_layer(run, layer, index, calibration, gradients(index) if gradients else {})
+            rows = _gradient_rows_of(run, gradients, index)
+            state, notes = _prune_layer(run, layer, index, calibration, rows)
         with torch.no_grad():
             for name in LINEARS:
                 layer.get_submodule(name).weight.copy_(state[linear_weight_name(index, name)])
-        if calibration is not None:
-            calibration = _propagate(run, layer, calibration)
-        if evaluation is not None:
-            evaluation.pruned = run_layer(layer, evaluation.pruned)
+        with clock("forward"):
+            if calibration is not None:
+                calibration = run_layer(layer, calibration)
+            if evaluation is not None:
+                evaluation.pruned = run_layer(layer, evaluation.pruned)
         run.store.commit(index, state)
-        if notes is not None:
-            layers.append(_layer_entry(index, state, notes, time.perf_counter() - start))
-            if writer is not None:
-                writer.write_layer(index, state, layers[-1])
+        if notes is None:
+            clock.take()  # a replayed layer: its time is not a pruned layer's
+        else:
+            layers.append(_finish_layer(run, writer, index, state, notes, start))
         _release_gradient_rows(run, index)
         del layer, state  # before the next layer is read: one layer in memory, not two
         advance()
         if index + 1 < run.info.num_layers and stop.agreed(run.workers.device):
             raise Interrupted(f"stopped after layer {index} of {run.info.num_layers - 1} on a signal")
+    if writer is not None and layers:
+        waited = writer.wait()  # the last layer's file: the entry is this thread's again once it is written
+        layers[-1]["phases_s"]["write_wait"] = round(layers[-1]["phases_s"].get("write_wait", 0.0) + waited, 3)
     return layers
+
+
+def _finish_layer(run: Run, writer, index: int, state: dict[str, Tensor], notes: dict, start: float) -> dict:
+    """The layer's report entry with its phases; worker 0 hands the layer to the writer's thread, which adds
+    its write and hash seconds to the entry (the entry is that thread's until the next layer's turn)."""
+    entry = _layer_entry(index, state, notes)
+    if writer is not None:
+        with run.clock("d2h"):
+            host = to_host_dict(state, recycled=True)
+        run.clock.add("write_wait", writer.wait())
+    entry.update(seconds=round(time.perf_counter() - start, 3), phases_s=rounded(run.clock.take()))
+    if writer is not None:
+        writer.write_layer(index, host, entry)
+    return entry
+
+
+def _gradient_rows_of(run: Run, gradients: Prefetcher | None, index: int) -> dict[str, Tensor]:
+    """GBLM: this worker's rows of layer `index`'s gradient sums (the next layer's read ahead); else nothing."""
+    if gradients is None:
+        return {}
+    with run.clock("read_wait"):
+        rows = gradients.get(index, then=index + 1 if index + 1 < run.info.num_layers else None)
+    run.clock.add("read", gradients.load_seconds)
+    return rows
+
+
+def _read_layer(run: Run, index: int):
+    """Layer `index` in the compute dtype on the device; layer index + 1 is read ahead meanwhile."""
+    with run.clock("read_wait"):
+        state = run.store.layer(index, then=index + 1)
+    run.clock.add("read", run.store.read_seconds)
+    with run.clock("h2d"):
+        layer = run.layer(index, state)
+        # checked where it is fast (a GPU reads 1.7 GB of a 70B layer in a millisecond; a CPU without native
+        # bf16 took a second); the compute copy holds every NaN or Inf of the weights as read
+        prefix = layer_prefix(index)
+        _finite({prefix + name: t for name, t in layer.state_dict().items()}, "the checkpoint's weight")
+        return layer
+
+
+def _replayed(writer, index: int, run: Run) -> dict[str, Tensor] | None:
+    """Worker 0's written weights of a finished layer (read back for a resumed run)."""
+    return writer.read_layer(index) if writer is not None else None
+
+
+def _on_device(state: dict[str, Tensor], run: Run) -> dict[str, Tensor]:
+    return {name: t.to(run.workers.device) for name, t in state.items()}
 
 
 def _prune_layer(run: Run, layer, index: int, calibration, gradient_rows: dict) -> tuple[dict, dict]:
     """This layer's statistics (summed over workers), then score and mask; the state to write and notes."""
-    stats = {}
+    stats, clock = {}, run.clock
     if calibration is not None:
-        stats, seconds = collect_input_statistics(layer, calibration, run.method.statistics == "hessian")
-        run.progress.add_time("calibration_forward", seconds)
-        all_reduce_layer_statistics(stats)
-        _finite({f"layer {index} {name}": group.sum_sq for name, group in stats.items()}, "the input statistics of")
-        for group in stats.values():
-            group.round_once()
-    pruned, notes = _prune_rows(run, layer, index, stats, gradient_rows)
-    return _saved_state(run, layer, index, pruned), notes
+        with clock("forward"):
+            stats = collect_input_statistics(layer, calibration, run.method.statistics == "hessian", clock)
+        with clock("statistics"):
+            all_reduce_layer_statistics(stats)
+            _finite({f"layer {index} {name}": group.sum_sq for name, group in stats.items()}, "the input statistics of")
+            for group in stats.values():
+                group.round_once()
+    with clock("h2d"):
+        gradient_rows = _on_device(gradient_rows, run)
+    with clock("pruning"):
+        pruned, notes = _prune_rows(run, layer, index, stats, gradient_rows)
+        return _saved_state(run, layer, index, pruned), notes
 
 
 def _finite(tensors: dict[str, Tensor], what: str) -> dict[str, Tensor]:
@@ -216,39 +289,42 @@ def _saved_state(run: Run, layer, index: int, pruned: dict[str, Tensor]) -> dict
 
 
 def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[str, Tensor]):
-    """Score and mask this worker's rows of every Linear of the layer, then gather the pruned matrices.
+    """Score and mask this worker's rows of every Linear of the layer, one input group at a time (q/k/v, o,
+    gate/up, down), then gather the pruned matrices.
 
-    The selectors and gathers are collectives: every worker walks the Linears in the same order."""
+    The selectors and gathers are collectives: every worker walks the groups and Linears in the same order."""
     w, p = run.workers, run.config.prune
     pruned, notes = {}, {}
-    last_user = {owner: name for name, owner in LINEAR_INPUT_OWNER.items()}  # in LINEARS order: the last wins
-    for name in LINEARS:
-        full_name = linear_weight_name(index, name)
-        weight = layer.get_submodule(name).weight
-        mine = local_share(weight.shape[0], w.rank, w.world_size)
-        G = gradient_term(gradient_rows[full_name].float(), p.gblm_norm) if gradient_rows else None
-        selector = ShardSelector(mine.start, weight.shape[0])
-        owner = LINEAR_INPUT_OWNER[name]
-        # A group's statistics go once its last Linear is pruned: SparseGPT's X X^T of q/k/v, o and gate/up
-        # (315 MB at 13B) are not held while down_proj's Hessian is inverted.
-        group = stats.pop(owner, None) if last_user[owner] == name else stats.get(owner)
-        outcome = prune_weight(weight[mine.start : mine.stop], p, group, G, selector)
-        del group
-        # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
-        pruned[full_name] = gather_rows(outcome.weight.to(run.info.weight_dtype), weight.shape[0])
-        notes[name] = {}
-        if outcome.damp is not None:
-            notes[name]["sparsegpt_damp"] = outcome.damp
-        if outcome.score_sum is not None:
-            gradient, total = sum_across_workers([outcome.gradient_score_sum, outcome.score_sum], w.device)
-            notes[name]["gradient_share"] = gradient / total
+    for owner, names in INPUT_GROUPS.items():
+        members = {}
+        for name in names:
+            full_name = linear_weight_name(index, name)
+            weight = layer.get_submodule(name).weight
+            mine = local_share(weight.shape[0], w.rank, w.world_size)
+            members[name] = GroupMember(
+                weight[mine.start : mine.stop], mine.start, ShardSelector(mine.start, weight.shape[0]),
+                gradient_rows.get(full_name),
+            )  # fmt: skip
+        # A group's statistics go once it is pruned: SparseGPT's X X^T of q/k/v, o and gate/up (315 MB at 13B)
+        # are not held while down_proj's Hessian is inverted.
+        outcomes = prune_group(members, p, stats.pop(owner, None))
+        for name, outcome in outcomes.items():
+            rows = layer.get_submodule(name).weight.shape[0]
+            # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
+            pruned[linear_weight_name(index, name)] = gather_rows(outcome.weight.to(run.info.weight_dtype), rows)
+            notes[name] = _notes(outcome, w.device)
+        del members, outcomes
     return pruned, notes
 
 
-def _propagate(run: Run, layer, inputs: LayerInputs) -> LayerInputs:
-    outputs = run_layer(layer, inputs)
-    run.progress.add_time("calibration_forward", outputs.forward_seconds - inputs.forward_seconds)
-    return outputs
+def _notes(outcome, device) -> dict:
+    notes = {}
+    if outcome.damp is not None:
+        notes["sparsegpt_damp"] = outcome.damp
+    if outcome.score_sum is not None:
+        gradient, total = sum_across_workers([outcome.gradient_score_sum, outcome.score_sum], device)
+        notes["gradient_share"] = gradient / total
+    return notes
 
 
 def _embedded(run: Run, stem: Stem, windows: Tensor, batch_size: int) -> LayerInputs:
@@ -284,22 +360,34 @@ class Evaluation:
         return values
 
 
-def _gradient_rows(run: Run, windows: Tensor, done: int):
-    """GBLM: a function giving this worker's rows of layer i's gradient sums, from a saved file or from a
-    layer-wise gradient pass whose per-layer results wait in the scratch directory (`_release`d once the layer
-    is written). The pass covers the layers from `done` on (a resumed run has the layers below)."""
+@contextmanager
+def _gradient_rows(run: Run, windows: Tensor, done: int) -> Iterator[Prefetcher]:
+    """GBLM: `get(i, then=j)` gives this worker's rows of layer i's gradient sums (layer j's are read ahead),
+    from a saved file or from a layer-wise gradient pass whose per-layer results wait in the scratch
+    directory (`_release`d once the layer is pruned). The pass covers the layers from `done` on (a resumed
+    run has the layers below)."""
     p, w = run.config.prune, run.workers
     if p.gradients:
-        return lambda index: read_layer_gradient_rows(Path(p.gradients), index, w.rank, w.world_size)
-    dtype = GRADIENT_DTYPES[p.gradient_dtype]
+        read = lambda index: read_layer_gradient_rows(Path(p.gradients), index, w.rank, w.world_size)  # noqa: E731
+    else:
+        _run_gradient_pass_unless_kept(run, windows, done)
+        read = lambda index: run.scratch.load(f"gradients-{index}")  # noqa: E731
 
-    def keep_my_rows(index: int, sums: LayerSums) -> None:
-        rows = {}
-        for name, total in sums.power.items():
-            mine = local_share(total.shape[0], w.rank, w.world_size)
-            rows[name] = total[mine.start : mine.stop].to(dtype)  # the fp64 sums rounded once
-        run.scratch.save(f"gradients-{index}", rows)
+    def load(index: int) -> dict[str, Tensor]:
+        """Read in this thread (not when first used), page-locked for a GPU (the same shapes every layer)."""
+        rows = read(index)
+        return page_locked(rows) if w.device.type == "cuda" else {k: t.clone() for k, t in rows.items()}
 
+    rows = Prefetcher(load, "gradient-rows")
+    try:
+        yield rows
+    finally:
+        rows.close()
+
+
+def _run_gradient_pass_unless_kept(run: Run, windows: Tensor, done: int) -> None:
+    """Each worker's rows of the layers from `done` on, in the scratch directory: from a gradient pass, or kept
+    there by a killed run made with the same settings."""
     needed = range(done, run.info.num_layers)
     # A resumed run reuses the rows a killed run left, when every worker has all it needs (the pass is a
     # collective: all run it or none) and they were made with the same settings; the scratch name carries the
@@ -308,13 +396,39 @@ def _gradient_rows(run: Run, windows: Tensor, done: int):
     settings = json.dumps(result_settings(run.config), sort_keys=True)
     reusable = made_for.is_file() and made_for.read_text() == settings
     missing = not (reusable and all(run.scratch.has(f"gradients-{index}") for index in needed))
-    if needed and any_worker(missing, w.device):
-        _gradient_pass(run, windows, keep_my_rows, frozenset(needed))
+    if needed and any_worker(missing, run.workers.device):
+        with _rows_kept_in_scratch(run) as keep_my_rows:
+            _gradient_pass(run, windows, keep_my_rows, frozenset(needed))
         made_for.write_text(settings)
     elif needed:
         log.info("resuming: the gradient rows of layers %d-%d are reused", needed.start, needed.stop - 1)
 
-    return lambda index: run.scratch.load(f"gradients-{index}")
+
+@contextmanager
+def _rows_kept_in_scratch(run: Run) -> Iterator:
+    """`keep_my_rows(index, sums)`: this worker's rows of a layer's summed sums, rounded once to the gradient
+    dtype, written to the scratch directory behind the pass (all of them written when the context ends)."""
+    w, clock = run.workers, run.gradient_clock
+    dtype = GRADIENT_DTYPES[run.config.prune.gradient_dtype]
+    behind = Background("gradient-rows")
+
+    def save(name: str, rows: dict[str, Tensor]) -> None:
+        start = time.perf_counter()
+        run.scratch.save(name, rows)
+        clock.add("scratch_write", time.perf_counter() - start)
+
+    def keep_my_rows(index: int, sums: LayerSums) -> None:
+        with clock("d2h"):
+            rows = {}
+            for name, total in sums.power.items():
+                mine = local_share(total.shape[0], w.rank, w.world_size)
+                rows[name] = to_host(total[mine.start : mine.stop].to(dtype), recycled=True)  # rounded once
+        clock.add("write_wait", behind.submit(save, f"gradients-{index}", rows))
+
+    try:
+        yield keep_my_rows
+    finally:
+        behind.close()
 
 
 def _release_gradient_rows(run: Run, index: int) -> None:
@@ -326,11 +440,15 @@ def _release_gradient_rows(run: Run, index: int) -> None:
 def _gradient_pass(run: Run, windows: Tensor, on_layer, layers: frozenset[int] | None = None) -> None:
     p, r = run.config.prune, run.config.runtime
     activations = ActivationStore(run.scratch if r.activation_storage == "disk" else None, run.workers.device)
-    with run.progress.phase("gradients", total=2 * run.info.num_layers) as advance:
-        request = GradientRequest(scale=p.gblm_scale, norm=p.gblm_norm, layers=layers)
-        loss = layerwise_gradient_pass(
-            run.store, run.model_config, windows, request, run.workers, activations, run.dtype, on_layer, advance
-        )
+    try:
+        with run.progress.phase("gradients", total=2 * run.info.num_layers) as advance:
+            request = GradientRequest(scale=p.gblm_scale, norm=p.gblm_norm, layers=layers)
+            loss = layerwise_gradient_pass(
+                run.store, run.model_config, windows, request, run.workers, activations, run.dtype, on_layer, advance,
+                timer=run.gradient_clock,
+            )  # fmt: skip
+    finally:
+        activations.close()
     log.info("gradient pass: mean calibration loss %.4f", loss)
 
 
@@ -341,6 +459,7 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         run = Run(config, workers, progress, scratch)
+        stack.callback(run.close)
         windows = calibration_windows(config, calibration_stream(config, load_tokenizer(run.info.model_files)))
         writer = None
         if workers.is_main:
@@ -385,7 +504,7 @@ def worker_memory(weight_bytes: int, w: Workers, progress: Progress) -> list[dic
     ]
 
 
-def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict], seconds: float) -> dict:
+def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict]) -> dict:
     modules = {}
     for name, extra in notes.items():
         weight = state[linear_weight_name(index, name)]
@@ -393,7 +512,7 @@ def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict], s
         modules[name] = {"zeros": zeros, "numel": weight.numel(), "sparsity": zeros / weight.numel(), **extra}
     zeros = sum(m["zeros"] for m in modules.values())
     numel = sum(m["numel"] for m in modules.values())
-    return {"layer": index, "sparsity": zeros / numel, "seconds": round(seconds, 3), "modules": modules}
+    return {"layer": index, "sparsity": zeros / numel, "modules": modules}
 
 
 class TokenWindows(NamedTuple):

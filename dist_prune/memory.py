@@ -121,6 +121,7 @@ class MemoryPlan:
     weights: int  # device bytes per worker: the resident weights (0 when streaming)
     baseline: int
     host_peak: int  # host bytes per worker; on a CPU run the host is the device
+    writer_host: int  # a CUDA run's worker 0 alone: page-locked copies of the layers it writes (once per job)
     stored_inputs: int  # bytes per worker of the layer inputs GBLM's gradient pass keeps, wherever they are
     scratch: int  # scratch-disk bytes per worker
     limit: int | None  # device bytes one worker may use
@@ -136,11 +137,16 @@ class MemoryPlan:
         return min(self.workers, GPUS_PER_HOST) if self.device == "cuda" else self.workers
 
     @property
+    def host_total(self) -> int:
+        """Host bytes of the workers that share one host (the one with worker 0)."""
+        return self.host_peak * self.workers_per_host + self.writer_host
+
+    @property
     def host_fits(self) -> bool:
         """On a CPU run the device limit already is host memory; a CUDA run also needs its host's RAM."""
         if self.device == "cpu" or self.host_limit is None:
             return True
-        return self.host_peak * self.workers_per_host <= self.host_limit
+        return self.host_total <= self.host_limit
 
     @property
     def fits(self) -> bool:
@@ -290,11 +296,15 @@ def worker_sequences(nsamples: int, batch_size: int, workers: int) -> int:
 def _layerwise_plan(run: _Run, residency: str, storage: str, limit: int | None, host_limit: int | None) -> MemoryPlan:
     shape = run.shape
     in_host_memory = run.stored_inputs if storage == "memory" else 0
+    streaming = residency == "stream"
     phases = {"stem": _stem(run)}
     if run.gradient_pass:
         on_device = in_host_memory if run.device == "cpu" else 0  # a CPU run's host is its device
+        on_device += _read_ahead(run, streaming) if run.device == "cpu" else 0
         phases["gradient_pass"] = _layerwise_gradient_pass(run) + on_device
-    phases["layer_loop"] = _layer_loop(run)
+    phases["layer_loop"] = _layer_loop(run) + (
+        _read_ahead(run, streaming) + _written_behind(run) if run.device == "cpu" else 0
+    )
     phases["head"] = _head(run)
     weights = run.own_rows(shape.layers * shape.layer_params, run.stored) if residency == "resident" else 0
     return MemoryPlan(
@@ -307,7 +317,8 @@ def _layerwise_plan(run: _Run, residency: str, storage: str, limit: int | None, 
         phases=phases,
         weights=weights,
         baseline=RUNTIME_BASELINE,
-        host_peak=_host_peak(run.device, weights, phases, in_host_memory),
+        host_peak=_host_peak(run.device, weights, phases, in_host_memory + _page_locked(run, streaming)),
+        writer_host=_page_locked_writer(run),
         stored_inputs=run.stored_inputs,
         scratch=run.stored_inputs - in_host_memory + _gradient_rows(run),
         limit=limit,
@@ -315,8 +326,52 @@ def _layerwise_plan(run: _Run, residency: str, storage: str, limit: int | None, 
     )
 
 
+def _read_ahead(run: _Run, streaming: bool) -> int:
+    """Streaming reads the next layer while the current one computes (background.py): one more layer as read."""
+    return run.shape.layer_params * run.stored if streaming else 0
+
+
+def _written_behind(run: _Run) -> int:
+    """Worker 0 writes the finished layer while the next computes: its host copy in the checkpoint's dtype."""
+    return run.shape.layer_params * run.stored
+
+
+def _page_locked(run: _Run, streaming: bool) -> int:
+    """A CUDA worker's page-locked host buffers, which torch's host allocator keeps and hands out again: two
+    layers read ahead (the one copied to the device, the next) when streaming, and two layers' gradient rows
+    (written to the scratch directory, read back). The allocator rounds each buffer up to a power of two."""
+    if run.device == "cpu":
+        return 0
+    rows = sum(
+        _pinned(math.ceil(rows / run.workers) * cols * run.gradient) for rows, cols in _layer_matrices(run.shape)
+    )
+    return (2 * _pinned_layer(run) if streaming else 0) + (2 * rows if run.gradient_pass else 0)
+
+
+def _page_locked_writer(run: _Run) -> int:
+    """Worker 0 of a CUDA run writes: two layers' page-locked copies (the one being written, the next one's)."""
+    return 2 * _pinned_layer(run) if run.device == "cuda" else 0
+
+
+def _pinned_layer(run: _Run) -> int:
+    layer = sum(_pinned(rows * cols * run.stored) for rows, cols in _layer_matrices(run.shape))
+    return layer + 2 * _pinned(run.shape.hidden * run.stored)  # and the two norms
+
+
+def _pinned(nbytes: int) -> int:
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
+def _layer_matrices(shape: ModelShape) -> list[tuple[int, int]]:
+    """(out, in) of a decoder layer's seven Linears."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    h, m = shape.hidden, shape.mlp
+    return [(q, h), (kv, h), (kv, h), (h, q), (m, h), (m, h), (h, m)]
+
+
 def _host_peak(device: str, weights: int, phases: dict[str, int], in_host_memory: int) -> int:
-    """A CPU run's host is its device; a CUDA worker keeps its process and the stored inputs in memory."""
+    """A CPU run's host is its device; a CUDA worker keeps its process, the stored inputs and its page-locked
+    buffers in memory."""
     if device == "cpu":
         return RUNTIME_BASELINE + weights + max(phases.values())
     return CUDA_HOST_BASELINE + in_host_memory
@@ -364,20 +419,22 @@ def _statistics(run: _Run) -> int:
     if run.method.statistics == "hessian":
         widths = [width * width for width in shape.input_widths]  # elements of each group's X X^T
         # Collecting: X X^T per input group in fp64, plus one block of one batch's product (fp32 and widened).
-        collecting = sum(widths) * FP64 + PRODUCT_BLOCK_ELEMENTS * (FP32 + FP64)
+        collecting = sum(widths) * FP64 + PRODUCT_BLOCK_ELEMENTS[run.device] * (FP32 + FP64)
         # Rounding, group by group (InputStatistics.round_once): groups before in fp32, this one in fp64 and
         # fp32 side by side, groups after still fp64.
         rounding = max(
             sum(widths[:g]) * FP32 + widths[g] * (FP64 + FP32) + sum(widths[g + 1 :]) * FP64 for g in range(len(widths))
         )
         # Pruning, group by group in order: the Hessians of the groups not yet done (job._prune_rows drops each
-        # after its last Linear); two factors of this group's at a time while H^-1's Cholesky factor is made
-        # (methods/sparsegpt.py); the fp32 copy of this worker's rows that OBS updates in place, and its mask.
-        # The pruned matrices already gathered are in run.layer's stored copy (the layer as read is gone).
+        # group's); two factors of this group's at a time while H^-1's Cholesky factor is made
+        # (methods/sparsegpt.py); the fp32 stack of this worker's rows of the group (gate and up together)
+        # that OBS updates in place, and its mask. The pruned matrices already gathered are in run.layer's
+        # stored copy (the layer as read is gone).
         pruning = max((sum(widths[g:]) + 2 * widths[g]) * FP32 for g in range(len(widths)))
-        return max(collecting, rounding, pruning + run.own_rows(shape.widest_matrix, FP32 + BOOL))
+        return max(collecting, rounding, pruning + run.own_rows(2 * shape.widest_matrix, FP32 + BOOL))
     if run.method.gradients:
-        return run.own_rows(shape.layer_linear_params, FP32)  # this layer's gradient rows, read back as fp32
+        # this layer's gradient rows as kept, and one matrix's widened to fp32 and its gradient term
+        return run.own_rows(shape.layer_linear_params, run.gradient) + 2 * run.own_rows(shape.widest_matrix, FP32)
     return 0
 
 
@@ -433,6 +490,7 @@ def _fsdp_plan(
         weights=weights,
         baseline=RUNTIME_BASELINE,
         host_peak=_host_peak(device, weights, phases, 0),
+        writer_host=0,
         stored_inputs=0,
         scratch=0,
         limit=limit,
@@ -583,8 +641,9 @@ def check_fits(plan: MemoryPlan) -> None:
         return
     if not plan.host_fits:
         raise ConfigError(
-            f"this run keeps {gib(plan.host_peak)} per worker in host memory, {plan.workers_per_host} worker(s) per "
-            f"host, but {gib(plan.host_limit or 0)} is available; use --activation-storage disk (or auto)"
+            f"this run keeps {gib(plan.host_total)} in host memory ({gib(plan.host_peak)} per worker, "
+            f"{plan.workers_per_host} worker(s) per host), but {gib(plan.host_limit or 0)} is available; "
+            f"use --activation-storage disk (or auto)"
         )
     raise ConfigError(
         f"this run needs about {gib(plan.peak)} per worker but {gib(plan.limit or 0)} is available; "
@@ -635,8 +694,9 @@ def _host_note(plan: MemoryPlan) -> str:
     stored = f"incl. stored layer inputs {gib(in_memory)}; " if in_memory else ""
     if plan.device == "cpu":
         return f"{stored}the host is the device"
-    on_host = gib(plan.host_peak * plan.workers_per_host)
-    return f"{stored}{plan.workers_per_host} worker(s) per host: {on_host}, {_maybe_gib(plan.host_limit)} available"
+    writer = f" with worker 0's page-locked layer copies {gib(plan.writer_host)}" if plan.writer_host else ""
+    on_host = f"{plan.workers_per_host} worker(s) per host{writer}: {gib(plan.host_total)}"
+    return f"{stored}{on_host}, {_maybe_gib(plan.host_limit)} available"
 
 
 def _scratch_note(plan: MemoryPlan, scratch_dir: str | None) -> str:

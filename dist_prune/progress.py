@@ -8,6 +8,7 @@ a total, whatever the number of workers.
 import json
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,3 +95,55 @@ class Progress:
         if record["event"] == "end":
             bar.close()
             del self._replayed_bars[name]
+
+
+class PhaseClock:
+    """Where the time of each unit of work (a decoder layer) went: seconds per phase, for this unit (`take`)
+    and in total. `with clock("forward"):` times a phase of this thread; a phase inside another is taken out
+    of the outer one. Work on other threads (reading ahead, writing behind) reports its seconds with `add`.
+    On CUDA a phase starts and ends with a synchronisation, so the GPU work it queued counts in it."""
+
+    def __init__(self, device=None):
+        self.device = device  # a torch.device; None or the CPU: nothing to synchronise
+        self.totals: dict[str, float] = {}
+        self._unit: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._open: list[list[float]] = []  # per open phase: its start and the seconds of phases inside it
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        self._synchronize()
+        frame = [time.perf_counter(), 0.0]
+        self._open.append(frame)
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self._open.pop()
+            elapsed = time.perf_counter() - frame[0]
+            self.add(phase, elapsed - frame[1])
+            if self._open:
+                self._open[-1][1] += elapsed
+
+    def add(self, phase: str, seconds: float, unit: dict[str, float] | None = None) -> None:
+        """Count `seconds` of `phase` in the totals and in `unit` (default: the current unit)."""
+        with self._lock:
+            into = self._unit if unit is None else unit
+            into[phase] = into.get(phase, 0.0) + seconds
+            self.totals[phase] = self.totals.get(phase, 0.0) + seconds
+
+    def take(self) -> dict[str, float]:
+        """This unit's phases (a dict that background work may still add to), and a fresh unit."""
+        with self._lock:
+            unit, self._unit = self._unit, {}
+        return unit
+
+    def _synchronize(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+
+def rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {phase: round(value, 3) for phase, value in seconds.items()}

@@ -341,3 +341,31 @@ def perplexity_entry(perplexities: dict, eval_windows: Tensor | None, config: Pr
         return None
     e = config.evaluation
     return dict(perplexities, text=e.eval_text, seqlen=e.eval_seqlen, windows=eval_windows.shape[0])
+
+
+# The layer loop's phases (job.py): on the loop's thread, and in the background (reading ahead, writing behind).
+LOOP_THREAD_PHASES = ("read_wait", "h2d", "forward", "statistics", "pruning", "d2h", "write_wait")
+BACKGROUND_PHASES = ("read", "write", "hash")
+COMPUTE_PHASES = ("forward", "statistics", "pruning")
+
+
+def phase_report(layers: list[dict], gradient_pass: dict[str, float]) -> dict:
+    """Where the time went: the layer loop's phases summed over the layers this run pruned, its wall time
+    against its compute time, and the gradient pass's phases."""
+    totals: dict[str, float] = {}
+    for layer in layers:
+        for phase, seconds in layer.get("phases_s", {}).items():
+            totals[phase] = totals.get(phase, 0.0) + seconds
+    wall = sum(layer.get("seconds", 0.0) for layer in layers)
+    compute = sum(totals.get(phase, 0.0) for phase in COMPUTE_PHASES)
+    loop = {
+        "layers": len(layers),
+        "wall_s": round(wall, 3),
+        "compute_s": round(compute, 3),
+        "wall_over_compute": round(wall / compute, 3) if compute else None,
+    }
+    return {
+        "layer_phases_s": {phase: round(seconds, 3) for phase, seconds in totals.items()},
+        "layer_loop": loop,
+        "gradient_pass_phases_s": {phase: round(seconds, 3) for phase, seconds in gradient_pass.items()},
+    }

@@ -20,6 +20,7 @@ out and closes them again, so the pages read never accumulate in the process.
 import contextlib
 import io
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,9 @@ class ZeroWeights:
 
     def __init__(self, layout: ZeroLayout, dtype: torch.dtype):
         self.layout, self.dtype = layout, dtype
+        # One read at a time: the stream layer loop reads ahead in a thread, and a read silences DeepSpeed by
+        # swapping the process's stdout and stderr, which two overlapping reads would restore in the wrong order.
+        self._reading = threading.Lock()
 
     def shape(self, name: str) -> list[int]:
         if name not in self.layout.shapes:
@@ -171,6 +175,10 @@ class ZeroWeights:
         return list(self.layout.shapes[name])
 
     def read(self, names: list[str], rows: dict[str, range] | None = None) -> dict[str, Tensor]:
+        with self._reading:
+            return self._read(names, rows)
+
+    def _read(self, names: list[str], rows: dict[str, range] | None) -> dict[str, Tensor]:
         for name in names:
             self.shape(name)
         opener = _stage3_parameters if self.layout.stage == 3 else _stage12_parameters

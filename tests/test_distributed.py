@@ -291,7 +291,9 @@ def test_layerwise_grad_pass_equals_single_process(reference, results, norm):
         assert set(got) == set(expected)
         for name, tensor in got.items():
             assert tensor.dtype == torch.float64  # the caller rounds once
-            torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-6, atol=0.0, msg=name)
+            # the scale enters at the head here, after the backward in the reference: the same maths, rounded
+            # in another order along the backward (measured: 6e-6 at most)
+            torch.testing.assert_close(tensor.float(), expected[name], rtol=2e-5, atol=0.0, msg=name)
         assert loss == pytest.approx(reference["loss"], rel=1e-6)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..methods.masks import lowest_in_matrix
 from ..methods.stats import InputStatistics
 
 RADIX_BITS = 8
@@ -63,6 +64,8 @@ def select_lowest_global(scores: Tensor, k: int, row_offset: int) -> Tensor:
     """
     if scores.dtype not in SELECTABLE_DTYPES:
         raise TypeError(f"exact selection supports {SELECTABLE_DTYPES}, not {scores.dtype}")
+    if not _distributed():  # one worker holds the whole matrix: one sort, and no host synchronisation
+        return lowest_in_matrix(scores.float(), k)
     keys = _order_keys(scores)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)

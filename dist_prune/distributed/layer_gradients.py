@@ -8,9 +8,15 @@ each sequence from the stored input, back-propagate the stored output gradient, 
 Those are exactly the gradients of the whole model's backward (the chain rule, split at layer boundaries),
 with one sequence per backward as the per-sample maths requires.
 
-Each sequence's contribution is computed in fp32 and added into fp64 sums, summed across workers and
-rounded once, so the result does not depend on how the sequences were split. Each worker keeps its own
-rows of each finished layer in the scratch directory, for the layer loop to read.
+The scale s goes into the gradient at the head (the gradients of s * loss are s times those of the loss),
+so each per-sample weight gradient arrives scaled and its square (l2) or absolute value (l1) is one
+element-wise step. Each sequence's contribution is a number exact in fp32 (a square of a bf16 or fp16
+gradient is exact there; an fp32 gradient's square is rounded to fp32), added into fp64 sums, summed across
+workers and rounded once, so the result does not depend on how the sequences were split. Each worker keeps
+its own rows of each finished layer in the scratch directory, for the layer loop to read.
+
+Reading overlaps the compute: the next layer is read ahead (distributed/residency.py), and stored inputs on
+disk are written behind and read ahead (ActivationStore).
 """
 
 import os
@@ -24,7 +30,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..adapter import EMBEDDING, LINEARS, Head, Stem, build_layer, head_tensor_names, linear_weight_name
+from ..background import Background, Prefetcher, to_host
 from ..log import get_logger
+from ..methods.scores import accumulate_sample_gradient
+from ..progress import PhaseClock
 from .collectives import all_reduce_in_order
 from .process_group import Workers, local_share
 
@@ -84,27 +93,55 @@ class Scratch:
 
 class ActivationStore:
     """Each layer's inputs for this worker's sequences: in host memory, or one scratch file per layer.
-    Never on the accelerator: all layers' inputs are far larger than one layer (344 GB in bf16 at 70B)."""
+    Never on the accelerator: all layers' inputs are far larger than one layer (344 GB in bf16 at 70B).
+    Files are written behind and read ahead in threads: layer i's inputs are written while layer i computes,
+    and the backward reads layer i - 1's while it computes layer i."""
 
     def __init__(self, scratch: Scratch | None, device: torch.device):
         self.scratch = scratch
         self.device = device
         self.layers: dict[int, list[Tensor]] = {}
+        self._writes = Background("store-inputs")
+        self._reads = Prefetcher(self._load, "load-inputs")
 
     def put(self, index: int, hidden: list[Tensor]) -> None:
+        host = [to_host(h) for h in hidden]
         if self.scratch is None:
-            self.layers[index] = [h.cpu() for h in hidden]
-        elif hidden:
-            self.scratch.save(f"inputs-{index}", {"hidden": torch.cat(hidden)})
+            self.layers[index] = host
+        elif host:
+            self._writes.submit(self.scratch.save, f"inputs-{index}", {str(n): h for n, h in enumerate(host)})
 
-    def pop(self, index: int, count: int) -> list[Tensor]:
+    def pop(self, index: int, then: int | None = None) -> list[Tensor]:
+        """Layer `index`'s stored inputs on the device; layer `then`'s are read ahead."""
         if self.scratch is None:
             return [h.to(self.device) for h in self.layers.pop(index)]
-        if not count:
+        self._writes.wait()  # the backward starts after the last input was stored
+        return [h.to(self.device) for h in self._reads.get(index, then)]
+
+    def drop(self, index: int) -> None:
+        """Layer `index`'s inputs are not needed (the backward stops above it)."""
+        self.layers.pop(index, None)
+        if self.scratch is not None:
+            self._writes.wait()
+            self._remove(index)
+
+    def _load(self, index: int) -> list[Tensor]:
+        name = f"inputs-{index}"
+        if not self.scratch.has(name):  # this worker holds no sequence
             return []
-        hidden = self.scratch.load(f"inputs-{index}")["hidden"]
-        self.scratch.remove(f"inputs-{index}")
-        return [h.to(self.device) for h in hidden.split(1)]
+        stored = self.scratch.load(name)
+        self._remove(index)
+        return [stored[str(n)].clone() for n in range(len(stored))]  # read now, not when first used
+
+    def _remove(self, index: int) -> None:
+        if self.scratch.has(f"inputs-{index}"):
+            self.scratch.remove(f"inputs-{index}")
+
+    def close(self) -> None:
+        try:
+            self._writes.close()
+        finally:
+            self._reads.close()
 
 
 @dataclass(frozen=True)
@@ -113,7 +150,7 @@ class GradientRequest:
 
     scale: float = 1.0
     norm: str = "l2"  # sum_n (scale * g_n)^2, or sum_n |scale * g_n| for "l1"
-    plain: bool = False  # also sum_n g_n, unscaled (structured pruning's first-order Taylor term)
+    plain: bool = False  # also sum_n scale * g_n (structured pruning's first-order Taylor term, at scale 1)
     input_owners: tuple[str, ...] = ()  # Linears ("mlp.down_proj") whose input's sum_{n,t} x and x^2 are summed
     layers: frozenset[int] | None = None
 
@@ -151,7 +188,8 @@ def layerwise_input_moments(
     windows: (N, T), the same on every worker, of which this worker uses its `local_share`."""
     _, hidden, kwargs = _my_first_inputs(store, model_config, windows, workers, dtype)
     for index in range(max(layers) + 1):
-        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
+        state = store.layer(index, then=index + 1 if index < max(layers) else None)
+        layer = build_layer(model_config, index, state, dtype).to(workers.device)
         sums = LayerSums(power={})
         handles = _hook_inputs(layer, index, owners, sums) if index in layers else []
         try:
@@ -177,40 +215,61 @@ def layerwise_gradient_pass(
     dtype: torch.dtype,
     on_layer: Callable[[int, LayerSums], None],
     progress: Callable[[], None] | None = None,
+    timer: PhaseClock | None = None,
 ) -> float:
     """Calls `on_layer(index, sums)` with the full fp64 sums of each asked layer (the same on every worker;
     round them once), from the top layer down; returns the mean calibration loss. Two progress steps per layer.
+    `timer` (a progress.PhaseClock) gets the phases: read, read_wait, h2d, forward, d2h, backward, reduce.
 
     windows: (N, T), the same on every worker, of which this worker uses its `local_share`."""
+    timer = timer or PhaseClock(workers.device)
     tokens, hidden, kwargs = _my_first_inputs(store, model_config, windows, workers, dtype)
     asked = set(range(store.num_layers) if request.layers is None else request.layers)
+    top = store.num_layers - 1
+    lowest = min(asked, default=store.num_layers)
     for index in range(store.num_layers):
-        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
-        activations.put(index, hidden)
-        with torch.no_grad():
+        # The top layer is read again for the backward: read ahead while it and the head compute.
+        layer = _layer_on_device(store, model_config, index, min(index + 1, top), dtype, workers.device, timer)
+        with timer("d2h"):
+            activations.put(index, hidden)
+        with timer("forward"), torch.no_grad():
             hidden = [_output(layer(h, **kwargs)) for h in hidden]
         del layer
         _advance(progress)
     head = Head(model_config, store.read(head_tensor_names(store.tied)), dtype, workers.device)
-    grads, loss = _head_gradients(head, hidden, tokens)
+    with timer("backward"):
+        grads, loss = _head_gradients(head, hidden, tokens, request.scale)
     del head, hidden
-    lowest = min(asked, default=store.num_layers)
     for index in reversed(range(store.num_layers)):
-        inputs = activations.pop(index, len(grads))
-        if index < lowest:  # nothing asked below: the backward can stop
+        if index < lowest:  # nothing asked below: the backward stops
+            activations.drop(index)
             _advance(progress)
             continue
-        layer = build_layer(model_config, index, store.layer(index), dtype).to(workers.device)
+        below = index - 1 if index > lowest else None
+        with timer("h2d"):
+            inputs = activations.pop(index, then=below)
+        layer = _layer_on_device(store, model_config, index, below, dtype, workers.device, timer)
         wanted = request if index in asked else None
-        sums, grads = _layer_sums(layer, index, inputs, grads, kwargs, wanted, need_input_grad=index > lowest)
+        with timer("backward"):
+            sums, grads = _layer_sums(layer, index, inputs, grads, kwargs, wanted, need_input_grad=index > lowest)
         if sums is not None:
-            sums.all_reduce()
+            with timer("reduce"):
+                sums.all_reduce()
             on_layer(index, sums)
-        del layer, sums  # before the next layer is read: one layer in memory, not two
+        del layer, sums, inputs  # before the next layer is read: one layer in memory, not two
         _advance(progress)
     total_loss = torch.tensor([loss, float(tokens.shape[0])], dtype=torch.float64, device=workers.device)
     all_reduce_in_order({"loss": total_loss})
     return float(total_loss[0] / total_loss[1])
+
+
+def _layer_on_device(store, model_config, index: int, then: int | None, dtype, device, timer):
+    """Layer `index` built in the compute dtype on the device (layer `then` read ahead meanwhile)."""
+    with timer("read_wait"):
+        state = store.layer(index, then=then)
+    timer.add("read", store.read_seconds)
+    with timer("h2d"):
+        return build_layer(model_config, index, state, dtype).to(device)
 
 
 def _advance(progress: Callable[[], None] | None) -> None:
@@ -241,15 +300,15 @@ def _output(out) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _head_gradients(head: Head, hidden: list[Tensor], tokens: Tensor) -> tuple[list[Tensor], float]:
-    """d(mean next-token cross-entropy of sequence n) / d(last layer's output), per sequence; and the summed
-    mean losses."""
+def _head_gradients(head: Head, hidden: list[Tensor], tokens: Tensor, scale: float) -> tuple[list[Tensor], float]:
+    """d(scale * mean next-token cross-entropy of sequence n) / d(last layer's output), per sequence; and the
+    summed mean losses (unscaled)."""
     grads, total = [], 0.0
     for h, sequence in zip(hidden, tokens, strict=True):
         h = h.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = head.nll(h, sequence[None, :])[0] / (sequence.shape[0] - 1)
-            (grad,) = torch.autograd.grad(loss, [h])
+            (grad,) = torch.autograd.grad(loss * scale, [h])
         grads.append(grad)
         total += float(loss.detach())
     return grads, total
@@ -293,10 +352,11 @@ def _layer_sums(
 
 
 def _accumulate_into(power: Tensor, plain: Tensor | None, request: GradientRequest):
+    """The gradient arrives scaled (the scale went in at the head)."""
+
     def hook(weight: Tensor) -> None:
-        grad = weight.grad.float()
-        scaled = grad * request.scale
-        power.add_(scaled.square() if request.norm == "l2" else scaled.abs())
+        grad = weight.grad
+        accumulate_sample_gradient(power, grad, request.norm)
         if plain is not None:
             plain.add_(grad)
         weight.grad = None  # the next sequence starts from zero, and the memory is free at once

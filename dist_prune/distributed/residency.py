@@ -9,26 +9,53 @@
 
 Both hand out the same full layer tensors in the checkpoint's dtype, so everything downstream (statistics,
 scores, masks) is identical whichever is used.
+
+Streaming reads ahead: `layer(i, then=j)` returns layer i and starts reading layer j in a thread (the layer
+loop asks for i + 1, the gradient pass's backward for i - 1), so a worker holds at most two layers as read.
+For a GPU the layer read ahead is copied into page-locked memory, from which it reaches the device at DMA
+speed.
 """
 
+import torch
 from torch import Tensor
 
 from ..adapter import layer_tensor_names, rest_tensor_names
+from ..background import Prefetcher, page_locked
 from ..checkpoint import CheckpointInfo
 from .collectives import gather_rows
 from .process_group import Workers, local_share
 
 
 class StreamStore:
-    """Each layer read from the checkpoint when asked for; nothing kept."""
+    """Each layer read from the checkpoint when asked for (the next one ahead, in a thread); nothing kept.
+    `read_seconds` and `wait_seconds`: the last layer's read, and how long the caller waited for it."""
 
-    def __init__(self, info: CheckpointInfo):
+    def __init__(self, info: CheckpointInfo, device: torch.device | None = None):
         self.reader = info.open_weights()
         self.num_layers = info.num_layers
         self.tied = info.tied_embeddings
+        self.pin = device is not None and device.type == "cuda"
+        self._layers = Prefetcher(self._read_layer, "read-ahead")
 
-    def layer(self, index: int) -> dict[str, Tensor]:
-        return self.reader.read(layer_tensor_names(index))
+    def layer(self, index: int, then: int | None = None) -> dict[str, Tensor]:
+        """Layer `index`, and layer `then` read ahead (None: nothing)."""
+        return self._layers.get(index, then if then is not None and 0 <= then < self.num_layers else None)
+
+    def _read_layer(self, index: int) -> dict[str, Tensor]:
+        tensors = self.reader.read(layer_tensor_names(index))
+        # Memory-mapped tensors would be read from disk only when first used: read them here, in this thread.
+        return page_locked(tensors) if self.pin else {name: t.clone() for name, t in tensors.items()}
+
+    @property
+    def read_seconds(self) -> float:
+        return self._layers.load_seconds
+
+    @property
+    def wait_seconds(self) -> float:
+        return self._layers.wait_seconds
+
+    def close(self) -> None:
+        self._layers.close()
 
     def rest(self) -> dict[str, Tensor]:
         """The tensors outside the decoder layers (never resident: the stem and the head read what they need)."""
@@ -46,7 +73,7 @@ class StreamStore:
 
 
 class ResidentStore(StreamStore):
-    """This worker's row block of every decoder-layer tensor, in the checkpoint's dtype."""
+    """This worker's row block of every decoder-layer tensor, in the checkpoint's dtype, on its device."""
 
     def __init__(self, info: CheckpointInfo, workers: Workers):
         super().__init__(info)
@@ -56,14 +83,24 @@ class ResidentStore(StreamStore):
         for index in range(self.num_layers):
             names = layer_tensor_names(index)
             self.rows.update({name: self.reader.shape(name)[0] for name in names})
-            self.blocks.append(self.reader.read(names, {name: self._mine(name) for name in names}))
+            block = self.reader.read(names, {name: self._mine(name) for name in names})
+            self.blocks.append({name: t.to(workers.device) for name, t in block.items()})
 
     def _mine(self, name: str) -> range:
         return local_share(self.rows[name], self.workers.rank, self.workers.world_size)
 
-    def layer(self, index: int) -> dict[str, Tensor]:
-        """The full layer, assembled from every worker's rows (a collective, in a fixed order)."""
+    def layer(self, index: int, then: int | None = None) -> dict[str, Tensor]:
+        """The full layer, assembled from every worker's rows (a collective, in a fixed order; nothing to read
+        ahead)."""
         return {name: gather_rows(block, self.rows[name]) for name, block in sorted(self.blocks[index].items())}
+
+    @property
+    def read_seconds(self) -> float:
+        return 0.0
+
+    @property
+    def wait_seconds(self) -> float:
+        return 0.0
 
     def commit(self, index: int, state: dict[str, Tensor]) -> None:
         for name, block in self.blocks[index].items():

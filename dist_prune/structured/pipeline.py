@@ -135,13 +135,17 @@ def _choose_removals(
 ) -> tuple[list[ModuleScores], list[int], dict[int, LayerKeep], dict | None]:
     """Score every group, allocate the target over the modules, pick the lowest-scored groups of each."""
     s = config.structured
-    source = CalibrationSource(StreamStore(info), model.config, compute_dtype(workers.device, info.weight_dtype))
+    store = StreamStore(info, workers.device)
+    source = CalibrationSource(store, model.config, compute_dtype(workers.device, info.weight_dtype))
     phase = "statistics" if s.importance in FORWARD_ONLY else "gradients"
     steps = calibration_steps(windows, s.stability_batches, layers, s.importance, info.num_layers)
     with progress.phase(phase, total=steps) as advance:
-        scored, weights = score_modules(
-            model, source, windows, layers, s.importance, GQA_MODE, s.stability_batches, workers, advance
-        )
+        try:
+            scored, weights = score_modules(
+                model, source, windows, layers, s.importance, GQA_MODE, s.stability_batches, workers, advance
+            )
+        finally:
+            store.close()
     if weights is not None:
         log.info("fusion weights: %s", ", ".join(f"{kind} {m} {w:.3g}" for (kind, m), w in weights.items()))
     modules = [Module(m.layer, m.kind, removal_steps(m.kind, m.shape, GQA_MODE), m.instability) for m in scored]

@@ -141,7 +141,7 @@ def score_modules(
             layer,
             kind,
             shape_of(model, layer),
-            scores,
+            scores.cpu(),  # one number per head or channel: allocation and selection run on the host
             instability(torch.stack([batch[(layer, kind)] for batch in batch_scores])),
             totals.input_mean(linear_weight_name(layer, COLUMN_OWNER[kind])),
         )  # fmt: skip
