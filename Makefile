@@ -8,7 +8,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup assets demo test lint bench
+.PHONY: setup assets demo test lint bench gpu-check
 
 $(BIN)/dist-prune: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,8 @@ test: assets
 
 bench: assets
 	$(BIN)/python bench/quality.py
+
+# On a machine with a CUDA GPU: the CUDA test tier, then the GPU benchmark (its section of bench/RESULTS.md).
+gpu-check: assets
+	$(BIN)/python -m pytest -q -m cuda tests/test_cuda.py
+	$(BIN)/python bench/gpu.py
