@@ -30,9 +30,9 @@ import torch
 from common import RESULTS, machine_line, write_section
 from safetensors.torch import save_file
 
-from dist_prune.adapter import expected_shapes, layer_tensor_names, rest_tensor_names
 from dist_prune.assets import smollm2_dir
 from dist_prune.checkpoint import INDEX_FILE
+from dist_prune.models import family_of
 
 GiB = 2**30
 SHAPES = {
@@ -117,11 +117,12 @@ def build_checkpoint(path: Path, shape: str, layers: int, device: str) -> None:
                   dtype="bfloat16", tie_word_embeddings=False, head_dim=SHAPES[shape]["hidden_size"] // SHAPES[shape]["num_attention_heads"])  # fmt: skip
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    shapes = expected_shapes(config)
+    shapes = family_of(config).expected_shapes(config)
     weight_map = {}
     generator = torch.Generator(device=device).manual_seed(0)
-    groups = [(f"model-layer-{i:05d}.safetensors", layer_tensor_names(i)) for i in range(layers)]
-    groups.append(("model-rest.safetensors", rest_tensor_names(tied=False)))
+    family = family_of(config)
+    groups = [(f"model-layer-{i:05d}.safetensors", family.layer_tensor_names(config, i)) for i in range(layers)]
+    groups.append(("model-rest.safetensors", list(family.rest_shapes(config))))
     for file, names in groups:
         tensors = {name: _random(shapes[name], device, generator) for name in names}
         save_file(tensors, path / file, metadata={"format": "pt"})

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from common import machine_line, matmul_gflops, run_child, write_section
 
-from dist_prune.adapter import expected_shapes
 from dist_prune.memory import ModelShape
+from dist_prune.models import family_of
 
 GiB, MiB = 2**30, 2**20
 CORES = os.cpu_count() or 1
@@ -215,7 +215,7 @@ def _write_random_checkpoint(path: str, shape_name: str) -> int:
 
 def _tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of a LLaMA checkpoint with its shape, as dist_prune's adapter expects them."""
-    return list(expected_shapes(config).items())
+    return list(family_of(config).expected_shapes(config).items())
 
 
 def _pack(specs: list, limit: int) -> list[list]:

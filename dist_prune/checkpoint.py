@@ -1,4 +1,4 @@
-"""Where the weights come from: a Hugging Face LLaMA checkpoint (safetensors) or a DeepSpeed ZeRO training
+"""Where the weights come from: a Hugging Face checkpoint of a supported family (safetensors) or a DeepSpeed ZeRO training
 checkpoint (zero.py), checked before anything heavy is loaded, and read one tensor (or some rows) at a time.
 
 `open_checkpoint` is the one entry: it returns a `CheckpointInfo` whose `open_weights()` gives a reader with
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from .assets import resolve_model
 from .errors import CheckpointError
+from .models import Family, family_of, linear_shapes
 from .zero import ZeroLayout, ZeroWeights, beside, find_tag_dir, is_zero_checkpoint, read_layout, require_trust
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,12 +58,13 @@ class CheckpointInfo:
     def tied_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", False))
 
-    def linear_input_sizes(self) -> dict[str, int]:
-        """Input width of each decoder Linear (what an N:M pattern must divide)."""
-        heads = self.config["num_attention_heads"]
-        head_dim = self.config.get("head_dim") or self.config["hidden_size"] // heads
-        hidden, mlp = self.config["hidden_size"], self.config["intermediate_size"]
-        return {"q/k/v/gate/up": hidden, "o_proj": heads * head_dim, "down_proj": mlp}
+    @property
+    def family(self) -> Family:
+        return family_of(self.config)
+
+    def transformers_config(self):
+        """The transformers config object, made from the config.json read and checked here (not read again)."""
+        return self.family.transformers_config(self.config)
 
 
 def open_checkpoint(config) -> CheckpointInfo:
@@ -77,8 +78,6 @@ def open_checkpoint(config) -> CheckpointInfo:
             if getattr(source, flag) is not None:
                 raise CheckpointError(f"--{flag.replace('_', '-')} is for DeepSpeed checkpoints; {path} is not one")
         info = replace(inspect_checkpoint(path), out_dtype=out_dtype)
-    if info.config.get("attention_bias") or info.config.get("mlp_bias"):  # eval takes them (FLAP's output)
-        raise CheckpointError(f"{info.path}: pruning LLaMA checkpoints with biases is not supported")
     return info
 
 
@@ -111,7 +110,7 @@ def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> Checkpoin
     if "auto_map" in config and not trust_remote_code:
         raise CheckpointError(
             f"{path} ships its own model code ({', '.join(config['auto_map'].values())}); loading it runs that "
-            f"code: pass --trust-remote-code to evaluate it (dist_prune prunes stock LLaMA checkpoints only)"
+            f"code: pass --trust-remote-code to evaluate it (dist_prune prunes stock checkpoints of the families it reads)"
         )
     files = listed_weight_files(path)
     headers = {file: check_safetensors_file(file) for file in files}
@@ -121,14 +120,9 @@ def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> Checkpoin
 
 
 def read_model_config(config_file: Path) -> dict:
-    """A LLaMA config.json with every size the model is built from."""
+    """A config.json of a supported family (models/) with every size the model is built from."""
     config = _read_json(config_file, "model config")
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(
-            f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])}); "
-            f"dist_prune prunes LLaMA-family checkpoints (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    family_of(config)  # one line naming the supported model types otherwise
     check_model_config(config, config_file)
     return config
 
@@ -154,9 +148,7 @@ def check_model_config(config: dict, config_file: Path) -> None:
 
 def check_shapes(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
     """Every tensor the model needs is there with the shape config.json implies."""
-    from .adapter import expected_shapes  # the one place that knows LLaMA's names
-
-    for name, shape in expected_shapes(config).items():
+    for name, shape in family_of(config).expected_shapes(config).items():
         if name not in shapes:
             raise CheckpointError(f"checkpoint {path} has no tensor {name}")
         if list(shapes[name]) != list(shape):
@@ -165,11 +157,9 @@ def check_shapes(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -
 
 def check_tensors(path: Path, config: dict, headers: dict[Path, dict]) -> None:
     """Every tensor the model needs is in the file the index names, with the shape config.json implies."""
-    from .adapter import expected_shapes  # the one place that knows LLaMA's names
-
     index = _read_json(path / INDEX_FILE, "weight index")["weight_map"] if (path / INDEX_FILE).is_file() else None
     shapes = {}
-    for name in expected_shapes(config):
+    for name in family_of(config).expected_shapes(config):
         file = path / index[name] if index and name in index else (path / SINGLE_FILE if index is None else None)
         entry = headers.get(file, {}).get(name) if file else None
         if entry is None:
@@ -260,10 +250,10 @@ def _valid_entry(entry) -> bool:
 def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None:
     if nm is None:
         return
-    for what, width in info.linear_input_sizes().items():
+    for name, (_, width) in linear_shapes(info.config).items():
         if width % nm[1]:
             raise CheckpointError(
-                f"N:M {nm[0]}:{nm[1]} is impossible here: {what} has {width} inputs, not a multiple of {nm[1]}"
+                f"N:M {nm[0]}:{nm[1]} is impossible here: {name} has {width} inputs, not a multiple of {nm[1]}"
             )
 
 

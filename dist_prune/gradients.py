@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .adapter import LINEARS, linear_shapes, linear_weight_name
 from .distributed.process_group import local_share
 from .errors import ConfigError
+from .models import LINEARS, linear_shapes, linear_weight_name
 
 GRADIENT_KIND = "dist_prune/gblm-gradient-sums"
 FP32_BYTES = 4

@@ -13,10 +13,10 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
-from .adapter import LINEAR_INPUT_OWNER
 from .checkpoint import INDEX_FILE, SINGLE_FILE, check_safetensors_file, listed_weight_files, read_model_config
 from .config import parse_pattern
 from .errors import CheckpointError
+from .models import LINEAR_INPUT_OWNER
 from .zero import find_tag_dir, read_layout, require_trust
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20

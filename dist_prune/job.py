@@ -30,18 +30,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .adapter import (
-    EMBEDDING,
-    INPUT_GROUPS,
-    LINEARS,
-    Head,
-    Stem,
-    build_layer,
-    compute_dtype,
-    head_tensor_names,
-    layer_prefix,
-    linear_weight_name,
-)
 from .background import Background, Prefetcher, page_locked, to_host, to_host_dict
 from .checkpoint import load_tokenizer, open_checkpoint
 from .config import PruneConfig
@@ -63,6 +51,8 @@ from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run
 from .log import get_logger
 from .memory import EVAL_BATCH, plan_for
 from .methods import GroupMember, prune_group
+from .models import EMBEDDING, INPUT_GROUPS, LINEARS, Shell, layer_prefix, linear_weight_name
+from .precision import compute_dtype
 from .progress import PhaseClock, Progress, rounded
 from .registry import method
 from .report import build_report, phase_report
@@ -76,14 +66,13 @@ class Run:
     """What every step of one worker's job needs: the config, the checkpoint, the weights, the workers."""
 
     def __init__(self, config: PruneConfig, workers: Workers, progress: Progress, scratch: Scratch | None):
-        from transformers import AutoConfig
-
         r = config.runtime
         if r.residency == "auto" or r.activation_storage == "auto":
             raise ValueError("the driver resolves residency and activation storage (memory.resolve_runtime)")
         self.config, self.workers, self.progress, self.scratch = config, workers, progress, scratch
         self.info = open_checkpoint(config)
-        self.model_config = AutoConfig.from_pretrained(self.info.model_files)
+        self.family = self.info.family
+        self.model_config = self.info.transformers_config()
         self.dtype = compute_dtype(workers.device, self.info.weight_dtype)
         self.method = method(config.prune.method)
         self.clock = PhaseClock(workers.device)  # the layer loop's phases
@@ -92,11 +81,15 @@ class Run:
             resident = r.residency == "resident"
             self.store = ResidentStore(self.info, workers) if resident else StreamStore(self.info, workers.device)
 
-    def stem(self) -> Stem:
-        return Stem(self.model_config, self.store.read([EMBEDDING])[EMBEDDING].to(self.workers.device), self.dtype)
+    def stem(self) -> Shell:
+        return self.shell([EMBEDDING])
+
+    def shell(self, names: list[str]) -> Shell:
+        """The model around its layers, with the tensors `names` (outside the layers) read."""
+        return Shell(self.family, self.model_config, self.store.read(names), self.dtype, self.workers.device)
 
     def layer(self, index: int, state: dict[str, Tensor]):
-        return build_layer(self.model_config, index, state, self.dtype).to(self.workers.device)
+        return self.family.decoder_layer(self.model_config, index, state, self.dtype).to(self.workers.device)
 
     def close(self) -> None:
         self.store.close()
@@ -203,7 +196,9 @@ def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int
             raise Interrupted(f"stopped after layer {index} of {run.info.num_layers - 1} on a signal")
     if writer is not None and layers:
         waited = writer.wait()  # the last layer's file: the entry is this thread's again once it is written
-        layers[-1]["phases_s"]["write_wait"] = round(layers[-1]["phases_s"].get("write_wait", 0.0) + waited, 3)
+        last = layers[-1]
+        last["phases_s"]["write_wait"] = round(last["phases_s"].get("write_wait", 0.0) + waited, 3)
+        last["seconds"] = round(last["seconds"] + waited, 3)
     return layers
 
 
@@ -327,7 +322,7 @@ def _notes(outcome, device) -> dict:
     return notes
 
 
-def _embedded(run: Run, stem: Stem, windows: Tensor, batch_size: int) -> LayerInputs:
+def _embedded(run: Run, stem: Shell, windows: Tensor, batch_size: int) -> LayerInputs:
     """Layer 0's inputs for this worker's batches of `windows`."""
     w = run.workers
     batches = [windows[b.start : b.stop] for b in batch_share(windows.shape[0], batch_size, w.rank, w.world_size)]
@@ -339,7 +334,7 @@ class Evaluation:
     go through each dense layer before it is pruned and through the pruned layer after, so evaluation
     costs no extra reading of the weights."""
 
-    def __init__(self, run: Run, stem: Stem, windows: Tensor):
+    def __init__(self, run: Run, stem: Shell, windows: Tensor):
         self.run, self.windows = run, windows
         w = run.workers
         self.batches = batch_share(windows.shape[0], EVAL_BATCH, w.rank, w.world_size)
@@ -347,9 +342,7 @@ class Evaluation:
 
     def perplexities(self) -> dict[str, float]:
         run = self.run
-        head = Head(
-            run.model_config, run.store.read(head_tensor_names(run.info.tied_embeddings)), run.dtype, run.workers.device
-        )
+        head = run.shell(run.family.head_tensor_names(run.model_config))
         values = {}
         for name, states in (("dense", self.dense), ("pruned", self.pruned)):
             nll = sum(float(head.nll(h, self.windows[b.start : b.stop]).double().sum())

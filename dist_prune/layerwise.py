@@ -11,24 +11,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import LINEAR_INPUT_OWNER, Stem
 from .methods.stats import InputStatistics
+from .models import LINEAR_INPUT_OWNER, Shell, layer_output
 
 
 @dataclass
 class LayerInputs:
-    """Calibration batches at the input of the current layer, with the keyword arguments each needs."""
+    """Calibration batches at the input of decoder layer `index`, with the keyword arguments each layer needs
+    (per batch, per layer: Gemma 3's sliding-window layers take other masks and rotary embeddings than its
+    global ones; the tensors are shared between layers)."""
 
     hidden: list[Tensor]  # each (batch, tokens, hidden)
-    kwargs: list[dict[str, Any]]  # attention mask, position ids, rotary position_embeddings, ...
+    kwargs: list[list[dict[str, Any]]]  # [batch][layer]: attention mask, position ids, position_embeddings, ...
+    index: int = 0
+
+    def batches(self):
+        """(hidden states, this layer's keyword arguments) of each batch."""
+        return zip(self.hidden, (per_layer[self.index] for per_layer in self.kwargs), strict=True)
 
 
 @torch.no_grad()
-def embed_batches(stem: Stem, batches: list[Tensor]) -> LayerInputs:
-    """Layer 0's inputs for each token batch, with the keyword arguments each needs."""
+def embed_batches(shell: Shell, batches: list[Tensor]) -> LayerInputs:
+    """Layer 0's inputs for each token batch, with the keyword arguments of every layer."""
     hidden, kwargs = [], []
     for tokens in batches:
-        h, kw = stem(tokens)
+        h, kw = shell.stem(tokens)
         hidden.append(h)
         kwargs.append(kw)
     return LayerInputs(hidden, kwargs)
@@ -37,11 +44,8 @@ def embed_batches(stem: Stem, batches: list[Tensor]) -> LayerInputs:
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     """The layer's outputs for every batch: the next layer's inputs."""
-    outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-        out = layer(hidden, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return LayerInputs(outputs, inputs.kwargs)
+    outputs = [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in inputs.batches()]
+    return LayerInputs(outputs, inputs.kwargs, inputs.index + 1)
 
 
 Timer = Any  # a callable giving a context manager per phase name (progress.PhaseClock)
@@ -60,7 +64,7 @@ def collect_input_statistics(
         stats[name] = InputStatistics(linear.in_features, with_hessian, device=linear.weight.device)
         handles.append(linear.register_forward_hook(_stats_hook(stats[name], timer)))
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        for hidden, kwargs in inputs.batches():
             layer(hidden, **kwargs)
     finally:
         for handle in handles:

@@ -21,6 +21,8 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointInfo, open_checkpoint
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
 from .methods.stats import PRODUCT_BLOCK_ELEMENTS
+from .models import family_of, head_dim
+from .precision import compute_bytes
 from .registry import FORWARD_ONLY, Method, method
 from .zero import is_zero_checkpoint
 
@@ -68,19 +70,22 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    layer_small_params: int  # a layer's norms and biases (by its family)
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
         heads = config["num_attention_heads"]
+        layer = family_of(config).layer_shapes(config, 0)
         return cls(
             layers=config["num_hidden_layers"],
             hidden=config["hidden_size"],
             mlp=config["intermediate_size"],
             heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            head_dim=head_dim(config),
             vocab=config["vocab_size"],
             tied=bool(config.get("tie_word_embeddings", False)),
+            layer_small_params=sum(math.prod(shape) for shape in layer.values() if len(shape) == 1),
         )
 
     @property
@@ -91,7 +96,7 @@ class ModelShape:
 
     @property
     def layer_params(self) -> int:
-        return self.layer_linear_params + 2 * self.hidden  # + two RMSNorm weights
+        return self.layer_linear_params + self.layer_small_params
 
     @property
     def total_params(self) -> int:
@@ -564,11 +569,6 @@ def compute_device(config: PruneConfig) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def compute_bytes(device: str, checkpoint_bytes: int) -> int:
-    """As adapter.compute_dtype: the checkpoint's half precision on CUDA, fp32 on the CPU."""
-    return checkpoint_bytes if device == "cuda" else FP32
 
 
 def available_memory(device: str) -> int | None:

@@ -3,8 +3,17 @@
 import torch
 from torch import Tensor, nn
 
-from dist_prune.adapter import decoder_linear_weights
 from dist_prune.methods.scores import accumulate_sample_gradient
+from dist_prune.models import LINEARS, decoder_layers, linear_weight_name
+
+
+def decoder_linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Full parameter names of every decoder-layer Linear weight (lm_head excluded, as in the paper)."""
+    return {
+        linear_weight_name(i, name): layer.get_submodule(name).weight
+        for i, layer in enumerate(decoder_layers(model))
+        for name in LINEARS
+    }
 
 
 def gradient_pass(

@@ -67,7 +67,6 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
     torch.set_num_threads(1)  # two cores shared by up to three workers
     from transformers import AutoConfig
 
-    from dist_prune.adapter import EMBEDDING, Stem, build_layer
     from dist_prune.checkpoint import inspect_checkpoint
     from dist_prune.distributed.collectives import (
         ShardSelector,
@@ -90,6 +89,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         load_sharded_model,
         local_rows,
     )
+    from dist_prune.models import EMBEDDING, Shell, family_of
 
     workers = init_workers(rank, world, "127.0.0.1", port)
     result: dict = {}
@@ -111,10 +111,11 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         mine = local_share(NSEQ, rank, world)
         model_config = AutoConfig.from_pretrained(data["tied"])
         resident = ResidentStore(inspect_checkpoint(data["tied"]), workers)
-        stem = Stem(model_config, resident.rest()[EMBEDDING], torch.float32)
-        layer0 = build_layer(model_config, 0, resident.layer(0), torch.float32)
-        hidden, kwargs = stem(windows[mine.start : mine.stop])
-        result["layer0_out"] = (mine.start, layer0(hidden, **kwargs))
+        family = family_of(model_config)
+        stem = Shell(family, model_config, {EMBEDDING: resident.rest()[EMBEDDING]}, torch.float32, "cpu")
+        layer0 = family.decoder_layer(model_config, 0, resident.layer(0), torch.float32)
+        hidden, kwargs = stem.stem(windows[mine.start : mine.stop])
+        result["layer0_out"] = (mine.start, layer0(hidden, **kwargs[0]))
         result["resident_layer1"] = resident.layer(1)
         result["resident_bytes"] = resident.resident_bytes
 

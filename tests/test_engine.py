@@ -203,21 +203,23 @@ def test_engine_matches_the_plain_single_process_maths(outputs, uneven_llama, te
     """The worker engine at 1 worker against the pure functions applied layer by layer on a plain model."""
     from transformers import AutoModelForCausalLM
 
-    from dist_prune.adapter import LINEAR_INPUT_OWNER, Stem, layer_linears
     from dist_prune.checkpoint import load_tokenizer
     from dist_prune.data import calibration_stream, calibration_windows
     from dist_prune.layerwise import collect_input_statistics, embed_batches, run_layer
     from dist_prune.methods import prune_weight
+    from dist_prune.models import EMBEDDING, LINEAR_INPUT_OWNER, LINEARS, Shell, family_of
 
     config = run_config(uneven_llama, outputs[1] / "unused", text_file, RUNS["wanda"])
     windows = calibration_windows(config, calibration_stream(config, load_tokenizer(uneven_llama)))
     model = AutoModelForCausalLM.from_pretrained(uneven_llama, dtype=torch.float32).eval()
-    stem = Stem(model.config, model.model.embed_tokens.weight.detach(), torch.float32)
+    embedding = {EMBEDDING: model.model.embed_tokens.weight.detach()}
+    stem = Shell(family_of(model.config), model.config, embedding, torch.float32, "cpu")
     inputs = embed_batches(stem, list(windows.split(2)))
     expected = {}
     for index, layer in enumerate(model.model.layers):
         stats = collect_input_statistics(layer, inputs, with_hessian=False)
-        for name, linear in layer_linears(layer):
+        for name in LINEARS:
+            linear = layer.get_submodule(name)
             owner = LINEAR_INPUT_OWNER[name]
             linear.weight.data = prune_weight(linear.weight.data, config.prune, stats[owner], None).weight
             expected[f"model.layers.{index}.{name}.weight"] = linear.weight.data == 0

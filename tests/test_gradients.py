@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from reference import gradient_pass
+from reference import decoder_linear_weights, gradient_pass
 from safetensors.torch import save_file
 
-from dist_prune.adapter import decoder_linear_weights
 from dist_prune.config import ConfigError
 from dist_prune.gradients import (
     check_gradient_file_shapes,

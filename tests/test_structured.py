@@ -8,12 +8,12 @@ import torch
 from conftest import write_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from dist_prune.adapter import decoder_layers
 from dist_prune.checkpoint import INDEX_FILE
 from dist_prune.cli import main
 from dist_prune.distributed import Workers
 from dist_prune.distributed.sharded_model import rebuild_nonpersistent_buffers
 from dist_prune.errors import ConfigError
+from dist_prune.models import decoder_layers
 from dist_prune.structured.allocation import Module, allocate, solve_ratios, threshold_ratios
 from dist_prune.structured.groups import (
     ATTENTION,

@@ -29,10 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..adapter import EMBEDDING, LINEARS, Head, Stem, build_layer, head_tensor_names, linear_weight_name
 from ..background import Background, Prefetcher, to_host
 from ..log import get_logger
 from ..methods.scores import accumulate_sample_gradient
+from ..models import EMBEDDING, LINEARS, Shell, family_of, layer_output, linear_weight_name
 from ..progress import PhaseClock
 from .collectives import all_reduce_in_order
 from .process_group import Workers, local_share
@@ -189,12 +189,12 @@ def layerwise_input_moments(
     _, hidden, kwargs = _my_first_inputs(store, model_config, windows, workers, dtype)
     for index in range(max(layers) + 1):
         state = store.layer(index, then=index + 1 if index < max(layers) else None)
-        layer = build_layer(model_config, index, state, dtype).to(workers.device)
+        layer = family_of(model_config).decoder_layer(model_config, index, state, dtype).to(workers.device)
         sums = LayerSums(power={})
         handles = _hook_inputs(layer, index, owners, sums) if index in layers else []
         try:
             with torch.no_grad():
-                hidden = [_output(layer(h, **kwargs)) for h in hidden]
+                hidden = [layer_output(layer(h, **kwargs[index])) for h in hidden]
         finally:
             for handle in handles:
                 handle.remove()
@@ -233,10 +233,11 @@ def layerwise_gradient_pass(
         with timer("d2h"):
             activations.put(index, hidden)
         with timer("forward"), torch.no_grad():
-            hidden = [_output(layer(h, **kwargs)) for h in hidden]
+            hidden = [layer_output(layer(h, **kwargs[index])) for h in hidden]
         del layer
         _advance(progress)
-    head = Head(model_config, store.read(head_tensor_names(store.tied)), dtype, workers.device)
+    family = family_of(model_config)
+    head = Shell(family, model_config, store.read(family.head_tensor_names(model_config)), dtype, workers.device)
     with timer("backward"):
         grads, loss = _head_gradients(head, hidden, tokens, request.scale)
     del head, hidden
@@ -251,7 +252,7 @@ def layerwise_gradient_pass(
         layer = _layer_on_device(store, model_config, index, below, dtype, workers.device, timer)
         wanted = request if index in asked else None
         with timer("backward"):
-            sums, grads = _layer_sums(layer, index, inputs, grads, kwargs, wanted, need_input_grad=index > lowest)
+            sums, grads = _layer_sums(layer, index, inputs, grads, kwargs[index], wanted, index > lowest)
         if sums is not None:
             with timer("reduce"):
                 sums.all_reduce()
@@ -269,7 +270,7 @@ def _layer_on_device(store, model_config, index: int, then: int | None, dtype, d
         state = store.layer(index, then=then)
     timer.add("read", store.read_seconds)
     with timer("h2d"):
-        return build_layer(model_config, index, state, dtype).to(device)
+        return family_of(model_config).decoder_layer(model_config, index, state, dtype).to(device)
 
 
 def _advance(progress: Callable[[], None] | None) -> None:
@@ -282,25 +283,22 @@ def _my_first_inputs(store, model_config, windows: Tensor, workers: Workers, dty
     arguments; the embedding is read, used and dropped."""
     mine = local_share(windows.shape[0], workers.rank, workers.world_size)
     tokens = windows[mine.start : mine.stop].to(workers.device)
-    embedding = store.read([EMBEDDING])[EMBEDDING].to(workers.device)
-    hidden, kwargs = _embed(Stem(model_config, embedding, dtype), tokens)
+    shell = Shell(family_of(model_config), model_config, store.read([EMBEDDING]), dtype, workers.device)
+    hidden, kwargs = _embed(shell, tokens)
     return tokens, hidden, kwargs
 
 
-def _embed(stem: Stem, tokens: Tensor) -> tuple[list[Tensor], dict]:
-    """Layer 0's input for each sequence (batch of one), and the keyword arguments shared by all of them."""
-    hidden, kwargs = [], {}
+def _embed(shell: Shell, tokens: Tensor) -> tuple[list[Tensor], list[dict]]:
+    """Layer 0's input for each sequence (batch of one), and each layer's keyword arguments, shared by all of
+    them (none for a worker without sequences: it runs no layer)."""
+    hidden, kwargs = [], [{}] * shell.config.num_hidden_layers
     for sequence in tokens:
-        h, kwargs = stem(sequence[None, :])
+        h, kwargs = shell.stem(sequence[None, :])
         hidden.append(h)
     return hidden, kwargs
 
 
-def _output(out) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _head_gradients(head: Head, hidden: list[Tensor], tokens: Tensor, scale: float) -> tuple[list[Tensor], float]:
+def _head_gradients(head: Shell, hidden: list[Tensor], tokens: Tensor, scale: float) -> tuple[list[Tensor], float]:
     """d(scale * mean next-token cross-entropy of sequence n) / d(last layer's output), per sequence; and the
     summed mean losses (unscaled)."""
     grads, total = [], 0.0
@@ -342,7 +340,7 @@ def _layer_sums(
         for x, grad_out in zip(inputs, grads, strict=True):
             x = x.detach().requires_grad_(need_input_grad)
             with torch.enable_grad():
-                _output(layer(x, **kwargs)).backward(grad_out)
+                layer_output(layer(x, **kwargs)).backward(grad_out)
             if need_input_grad:
                 below.append(x.grad)
     finally:

@@ -19,7 +19,6 @@ speed.
 import torch
 from torch import Tensor
 
-from ..adapter import layer_tensor_names, rest_tensor_names
 from ..background import Prefetcher, page_locked
 from ..checkpoint import CheckpointInfo
 from .collectives import gather_rows
@@ -33,7 +32,7 @@ class StreamStore:
     def __init__(self, info: CheckpointInfo, device: torch.device | None = None):
         self.reader = info.open_weights()
         self.num_layers = info.num_layers
-        self.tied = info.tied_embeddings
+        self.family, self.config = info.family, info.config
         self.pin = device is not None and device.type == "cuda"
         self._layers = Prefetcher(self._read_layer, "read-ahead")
 
@@ -41,8 +40,11 @@ class StreamStore:
         """Layer `index`, and layer `then` read ahead (None: nothing)."""
         return self._layers.get(index, then if then is not None and 0 <= then < self.num_layers else None)
 
+    def layer_tensor_names(self, index: int) -> list[str]:
+        return self.family.layer_tensor_names(self.config, index)
+
     def _read_layer(self, index: int) -> dict[str, Tensor]:
-        tensors = self.reader.read(layer_tensor_names(index))
+        tensors = self.reader.read(self.layer_tensor_names(index))
         # Memory-mapped tensors would be read from disk only when first used: read them here, in this thread.
         return page_locked(tensors) if self.pin else {name: t.clone() for name, t in tensors.items()}
 
@@ -59,7 +61,7 @@ class StreamStore:
 
     def rest(self) -> dict[str, Tensor]:
         """The tensors outside the decoder layers (never resident: the stem and the head read what they need)."""
-        return self.read(rest_tensor_names(self.tied))
+        return self.read(list(self.family.rest_shapes(self.config)))
 
     def read(self, names: list[str]) -> dict[str, Tensor]:
         return self.reader.read(names)
@@ -81,7 +83,7 @@ class ResidentStore(StreamStore):
         self.blocks: list[dict[str, Tensor]] = []
         self.rows: dict[str, int] = {}
         for index in range(self.num_layers):
-            names = layer_tensor_names(index)
+            names = self.layer_tensor_names(index)
             self.rows.update({name: self.reader.shape(name)[0] for name in names})
             block = self.reader.read(names, {name: self._mine(name) for name in names})
             self.blocks.append({name: t.to(workers.device) for name, t in block.items()})

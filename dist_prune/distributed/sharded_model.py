@@ -14,10 +14,10 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..adapter import LAYERS_PREFIX, decoder_layers, layer_prefix
 from ..checkpoint import CheckpointInfo
 from ..errors import CheckpointError
 from ..log import get_logger
+from ..models import LAYERS_PREFIX, decoder_layers, layer_prefix
 from .process_group import Workers
 
 log = get_logger()

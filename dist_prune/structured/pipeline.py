@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..adapter import compute_dtype, decoder_layers
 from ..checkpoint import CheckpointInfo, open_checkpoint
 from ..config import PruneConfig
 from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
@@ -24,6 +23,8 @@ from ..errors import ConfigError
 from ..job import token_windows, worker_memory
 from ..log import get_logger
 from ..memory import EVAL_BATCH, ModelShape, plan_for
+from ..models import decoder_layers
+from ..precision import compute_dtype
 from ..progress import Progress
 from ..registry import FORWARD_ONLY
 from ..report import perplexity_entry, run_environment

@@ -19,10 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..adapter import decoder_layers
 from ..distributed import Workers, all_reduce_in_order, local_rows, local_share
 from ..distributed.collectives import sum_across_workers
 from ..log import get_logger
+from ..models import decoder_layers
 from .groups import ATTENTION, MLP, MODULES
 
 log = get_logger()

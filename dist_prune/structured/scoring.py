@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..adapter import LINEAR_INPUT_OWNER, decoder_layers, linear_weight_name
 from ..distributed import Workers, all_reduce_in_order, local_rows
 from ..distributed.layer_gradients import (
     ActivationStore,
@@ -33,6 +32,7 @@ from ..distributed.layer_gradients import (
     layerwise_gradient_pass,
     layerwise_input_moments,
 )
+from ..models import LINEAR_INPUT_OWNER, decoder_layers, linear_weight_name
 from ..registry import FORWARD_ONLY
 from .groups import ATTENTION, MLP, MODULES, LayerShape
 from .importance import (

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..adapter import LAYERS_PREFIX, decoder_layers
 from ..distributed import Workers, copy_local_rows, gather_state, local_rows, shard_model
+from ..models import LAYERS_PREFIX, decoder_layers
 from .groups import (
     ATTENTION,
     COLUMN_MODULES,
