@@ -70,21 +70,36 @@ def linear_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
 
 def expected_shapes(model_config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor a LLaMA checkpoint must hold, with its shape, from config.json alone."""
+    return dict(iter_expected_shapes(model_config))
+
+
+def iter_expected_shapes(model_config: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """The same, one at a time, outside the layers first: a check can stop at the first one missing before
+    a config.json claiming a billion layers has them all listed."""
+    yield from _rest_shapes(model_config).items()
+    for index in range(model_config["num_hidden_layers"]):
+        yield from _layer_shapes(model_config, index).items()
+
+
+def _rest_shapes(model_config: dict) -> dict[str, tuple[int, ...]]:
     hidden, vocab = model_config["hidden_size"], model_config["vocab_size"]
     tied = bool(model_config.get("tie_word_embeddings", False))
     shapes: dict[str, tuple[int, ...]] = {name: (vocab, hidden) for name in (EMBEDDING, LM_HEAD)}
     shapes[FINAL_NORM] = (hidden,)
     if tied:
         del shapes[LM_HEAD]
+    return shapes
+
+
+def _layer_shapes(model_config: dict, index: int) -> dict[str, tuple[int, ...]]:
     biased = {
         name for name in LINEARS if model_config.get("attention_bias" if name.startswith("self_attn") else "mlp_bias")
     }
-    for index in range(model_config["num_hidden_layers"]):
-        linears = linear_shapes(model_config)
-        shapes.update({linear_weight_name(index, name): shape for name, shape in linears.items()})
-        # attention_bias / mlp_bias (structured pruning's bias compensation writes them): one per output row
-        shapes.update({f"{layer_prefix(index)}{name}.bias": (linears[name][0],) for name in biased})
-        shapes.update({f"{layer_prefix(index)}{norm}.weight": (hidden,) for norm in NORMS})
+    linears = linear_shapes(model_config)
+    shapes = {linear_weight_name(index, name): shape for name, shape in linears.items()}
+    # attention_bias / mlp_bias (structured pruning's bias compensation writes them): one per output row
+    shapes.update({f"{layer_prefix(index)}{name}.bias": (linears[name][0],) for name in biased})
+    shapes.update({f"{layer_prefix(index)}{norm}.weight": (model_config["hidden_size"],) for norm in NORMS})
     return shapes
 
 

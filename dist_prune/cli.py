@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import field_doc, leaf_fields, leaf_type, load_config
-from .errors import DistPruneError
+from .errors import ConfigError, DistPruneError
 from .log import get_logger, setup_logging
 from .progress import Progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except DistPruneError as err:  # a malformed flag (an int flag given "1e23"): one line, as any bad input
+        return _report_error(err)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     quiet, json_lines = getattr(args, "quiet", False), getattr(args, "log_json", False)
     setup_logging(quiet=quiet, json_lines=json_lines)
@@ -34,14 +37,21 @@ def _report_error(err: DistPruneError) -> int:
     return err.exit_code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a malformed command line reported as one line (no usage block), as any bad input is."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
     # --quiet is accepted before or after the subcommand name.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
     common.add_argument(
         "--log-json", action="store_true", default=argparse.SUPPRESS, help="progress and logs as JSON lines on stderr"
     )
-    parser = argparse.ArgumentParser(prog="dist-prune", description=__doc__.splitlines()[0], parents=[common])
+    parser = _Parser(prog="dist-prune", description=__doc__.splitlines()[0], parents=[common])
     commands = parser.add_subparsers(required=True, dest="command")
 
     prune = commands.add_parser("prune", parents=[common], help="prune a checkpoint and write a new one")

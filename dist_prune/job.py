@@ -36,11 +36,12 @@ from .adapter import (
     layer_prefix,
     linear_weight_name,
 )
-from .checkpoint import load_tokenizer, open_checkpoint
+from .checkpoint import CheckpointInfo, load_tokenizer, open_checkpoint
 from .config import PruneConfig
 from .data import (
     calibration_stream,
     calibration_windows,
+    check_token_ids,
     evaluation_windows,
     load_text,
     recovery_token_windows,
@@ -97,7 +98,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         stop = stack.enter_context(StopRequest())
         run = Run(config, workers, progress, scratch)
-        windows, eval_windows, _ = token_windows(config, run.info.model_files, progress)
+        windows, eval_windows, _ = token_windows(config, run.info, progress)
         writer = stack.enter_context(_writer(config, run.info.num_layers)) if workers.is_main else None
         finished = writer.verified_layers() if writer is not None else []
         done = int(sum_across_workers([float(len(finished))], workers.device)[0])  # worker 0 alone knows
@@ -341,7 +342,8 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         run = Run(config, workers, progress, scratch)
-        windows = calibration_windows(config, calibration_stream(config, load_tokenizer(run.info.model_files)))
+        stream = _calibration_stream(config, load_tokenizer(run.info.model_files), run.info)
+        windows = calibration_windows(config, stream)
         writer = None
         if workers.is_main:
             shapes = gradient_shapes(run.info.config)
@@ -402,18 +404,28 @@ class TokenWindows(NamedTuple):
     recovery: Tensor | None  # structured recovery's fresh windows of the calibration split
 
 
-def token_windows(config: PruneConfig, model_path: Path, progress: Progress) -> TokenWindows:
-    """The windows of every phase, from one tokenization of each split."""
+def token_windows(config: PruneConfig, info: CheckpointInfo, progress: Progress) -> TokenWindows:
+    """The windows of every phase, from one tokenization of each split, in the model's vocabulary."""
     m, e = method(config.prune.method), config.evaluation
     with progress.phase("tokenize"):
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(info.model_files)
         calibration = recovery = evaluation = None
         if m.statistics or m.gradients or m.structured:
-            stream = calibration_stream(config, tokenizer)
+            stream = _calibration_stream(config, tokenizer, info)
             calibration = calibration_windows(config, stream)
             if m.structured and config.structured.recover_steps:
                 recovery = recovery_token_windows(config, stream, calibration)
         if e.eval_after:
             tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))
-            evaluation = evaluation_windows(tokens, e.eval_seqlen, e.eval_windows)
+            evaluation = evaluation_windows(check_token_ids(tokens, info.config["vocab_size"], e.eval_text),
+                                            e.eval_seqlen, e.eval_windows)  # fmt: skip
         return TokenWindows(calibration, evaluation, recovery)
+
+
+def _calibration_stream(config: PruneConfig, tokenizer, info: CheckpointInfo) -> Tensor | None:
+    """The calibration text's tokens, refused when the model has no row for one (the driver checked a token
+    file)."""
+    stream = calibration_stream(config, tokenizer)
+    if stream is not None:
+        check_token_ids(stream, info.config["vocab_size"], config.calibration.calib_source)
+    return stream

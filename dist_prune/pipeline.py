@@ -17,8 +17,8 @@ from .checkpoint import (
     open_checkpoint,
 )
 from .config import PruneConfig
-from .data import evaluation_windows, load_text, load_token_windows, tokenize
-from .errors import CalibrationError, ConfigError
+from .data import check_token_ids, evaluation_windows, load_text, load_token_windows, tokenize
+from .errors import ConfigError
 from .gradients import check_gradient_file_shapes, is_gradients_file, load_gradient_sums
 from .launch import launch, torchrun_world
 from .memory import check_fits, plan_for, resolve_runtime
@@ -61,13 +61,8 @@ def _resolved(config: PruneConfig, info: CheckpointInfo) -> PruneConfig:
 
 def _check_calibration_tokens(config: PruneConfig, info: CheckpointInfo) -> None:
     """Token ids the embedding has no row for would fail deep inside a worker: refuse them here."""
-    c, vocab = config.calibration, info.config["vocab_size"]
-    windows = load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
-    if int(windows.min()) < 0 or int(windows.max()) >= vocab:
-        raise CalibrationError(
-            f"{c.calib_tokens} holds token ids from {int(windows.min())} to {int(windows.max())}; "
-            f"this model's vocabulary has ids 0 to {vocab - 1}"
-        )
+    c = config.calibration
+    check_token_ids(load_token_windows(c.calib_tokens, c.nsamples, c.seqlen), info.config["vocab_size"], c.calib_tokens)
 
 
 def _check_gradients_file(config: PruneConfig, info: CheckpointInfo) -> None:
@@ -92,8 +87,8 @@ def evaluate_model(
     info = inspect_checkpoint(resolve_model(model), trust_remote_code)
     if seqlen < 2 or (windows is not None and windows < 1):
         raise ConfigError(f"eval needs --seqlen of at least 2 and --windows of at least 1, got {seqlen} and {windows}")
-    tokenizer = load_tokenizer(info.path)
-    batches = evaluation_windows(tokenize(tokenizer, load_text(text, "evaluation")), seqlen, windows)
+    tokens = tokenize(load_tokenizer(info.path), load_text(text, "evaluation"))
+    batches = evaluation_windows(check_token_ids(tokens, info.config["vocab_size"], text), seqlen, windows)
     start = time.perf_counter()
     progress = progress or Progress("quiet")
     with progress.phase("eval", total=batches.shape[0]) as advance:

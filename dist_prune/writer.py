@@ -20,6 +20,7 @@ from torch import Tensor
 from .checkpoint import INDEX_FILE
 from .errors import DistPruneError
 from .report import write_report_markdown
+from .safe_io import resolved
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -80,7 +81,7 @@ def check_gradients_output(out: Path, source: Path, overwrite: bool, is_gradient
 
 
 def _check_apart(out: Path, source: Path, what: str) -> None:
-    out, source = out.resolve(), source.resolve()
+    out, source = resolved(out), resolved(source)
     if out == source or out in source.parents or source in out.parents:
         raise DistPruneError(f"the {what} {out} is, holds or lies inside the source model {source}")
 
