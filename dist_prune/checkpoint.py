@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .assets import resolve_model
 from .errors import CheckpointError, shown
+from .provenance import fingerprint
 from .safe_io import open_regular, parse_json, read_json, resolved
 from .zero import ZeroLayout, ZeroWeights, beside, find_tag_dir, is_zero_checkpoint, read_layout, require_trust
 
@@ -34,6 +35,7 @@ class CheckpointInfo:
     files_dir: Path | None = None  # config.json and the tokenizer (None: `path`)
     zero: ZeroLayout | None = None
     out_dtype: torch.dtype | None = None  # None: the checkpoint's own dtype
+    fingerprint: str = ""  # config.json and the weight files' sizes and headers (provenance.py)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -99,7 +101,8 @@ def inspect_zero_checkpoint(path: Path, source, out_dtype: torch.dtype) -> Check
     config = read_model_config(files_dir / "config.json")
     layout = read_layout(tag_dir)
     check_shapes(tag_dir, config, layout.shapes)
-    return CheckpointInfo(tag_dir, config, layout.files, files_dir=files_dir, zero=layout, out_dtype=out_dtype)
+    files = {"shapes": layout.shapes, "sizes": {file.name: file.stat().st_size for file in layout.files}}
+    return CheckpointInfo(tag_dir, config, layout.files, files_dir, layout, out_dtype, fingerprint(config, files))
 
 
 def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> CheckpointInfo:
@@ -119,7 +122,8 @@ def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> Checkpoin
     headers = {file: check_safetensors_file(file) for file in files}
     if "auto_map" not in config:
         check_tensors(path, config, headers)
-    return CheckpointInfo(path=path, config=config, weight_files=files)
+    described = {file.name: [file.stat().st_size, entries] for file, entries in headers.items()}
+    return CheckpointInfo(path=path, config=config, weight_files=files, fingerprint=fingerprint(config, described))
 
 
 def read_model_config(config_file: Path) -> dict:

@@ -151,6 +151,10 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         report = prune(config, args.progress)
     except DistPruneError as err:
+        hint = _how_to_resume(config, args.argv)
+        if err.exit_code == 2 and hint:  # bad input is one line, how to resume included
+            print(f"dist-prune: error: {err}; {hint}", file=sys.stderr)
+            return err.exit_code
         code = _report_error(err)
         _say_how_to_resume(config, args.argv)
         return code
@@ -167,16 +171,22 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _say_how_to_resume(config, argv: list[str]) -> None:
+    hint = _how_to_resume(config, argv)
+    if hint:
+        print(f"dist-prune: {hint}", file=sys.stderr)
+
+
+def _how_to_resume(config, argv: list[str]) -> str:
     """A run that stopped after finishing some layers kept them: say so, with the command that continues."""
     import shlex
 
     from .writer import resumable_partial
 
     partial = resumable_partial(Path(config.out))
-    if partial is not None:
-        again = argv if "--resume" in argv else [*argv, "--resume"]
-        print(f"dist-prune: the finished layers are kept in {partial}; continue with: dist-prune {shlex.join(again)}",
-              file=sys.stderr)  # fmt: skip
+    if partial is None:
+        return ""
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    return f"the finished layers are kept in {partial}; continue with: dist-prune {shlex.join(again)}"
 
 
 def _grad(args: argparse.Namespace) -> int:
@@ -233,14 +243,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verified(path: Path) -> int:
     """The number of layer files that match the manifest; any that does not is an error."""
-    from .writer import MANIFEST, is_dist_prune_output, verify_output
+    from .writer import MANIFEST, read_manifest, verify_output
 
-    if not is_dist_prune_output(path):
+    if not (path / MANIFEST).exists():
         raise DistPruneError(f"{path} has no {MANIFEST}: only a dist_prune output can be verified")
     failed = verify_output(path)
     if failed:
         raise DistPruneError(f"{len(failed)} file(s) in {path} do not match the manifest: {', '.join(failed)}")
-    return len(json.loads((path / MANIFEST).read_text())["layers"])
+    return len(read_manifest(path)["layers"])
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -272,6 +282,8 @@ def _print_summary(report: dict, out: str) -> None:
               f"{p['model_after']:,} in the model); output: {out}")  # fmt: skip
     else:
         print(f"sparsity {report['total_sparsity']:.4f} of decoder Linear weights; output: {out}")
+    if report.get("resumed_layers"):  # said here too: under Ray the workers' own log lines stay with them
+        get_logger().info("resumed: layers 0-%d were reused from the interrupted run", report["resumed_layers"] - 1)
     get_logger().info("report: %s/prune_report.json", out)
 
 

@@ -21,6 +21,11 @@ class CalibrationError(DistPruneError):
     """Calibration text or tokens that cannot provide what the run asks for."""
 
 
+class KeptForResume(DistPruneError):
+    """A run that ended with its finished layers kept for --resume (other bad input removes them: its result
+    would be wrong)."""
+
+
 # A user's value in an error message: a YAML alias bomb or a 64 MB list would make the message itself the
 # hang (a billion expanded items), so at most a few items, levels and characters of it are shown.
 _SHOWN = reprlib.Repr()

@@ -84,6 +84,12 @@ def _torchrun_rank(job: str, config: PruneConfig, progress: Progress):
         teardown()
 
 
+def writes_output(config: PruneConfig) -> bool:
+    """Whether this process's driver stands for the run that writes the output: every driver but a torchrun
+    rank other than 0 (worker 0 writes; under Ray the actors write for the driver)."""
+    return config.runtime.launcher != "torchrun" or os.environ.get("RANK", "0") == "0"
+
+
 def torchrun_world(config: PruneConfig) -> PruneConfig:
     """Under torchrun the world is torchrun's: the driver plans for WORLD_SIZE workers, whatever --workers says."""
     if config.runtime.launcher != "torchrun" or "WORLD_SIZE" not in os.environ:

@@ -1,12 +1,16 @@
 """User files and arguments that used to hang a command or end it in a traceback: YAML alias bombs, deep nesting,
 FIFOs and devices, a billion layers, headers whose bytes do not match, token ids beyond the vocabulary, loops of
-links, numbers past any machine, odd ZeRO structures. Each is one line on
+links, numbers past any machine, full, blocked or read-only disks, odd ZeRO structures. Each is one line on
 stderr, exit 2, in every command that reads it, with the file system as it was."""
 
 import json
 import os
+import resource
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +19,10 @@ import torch
 from conftest import write_tiny_llama
 from test_bad_input import prune_args
 from test_hostile_input import raw_safetensors
+from test_resume import ROOT
 from test_user_files import refused
+
+from dist_prune.cli import main
 
 WEIGHTS = "model.safetensors"
 
@@ -156,13 +163,14 @@ def test_token_ids_beyond_the_vocabulary_of_the_text(tmp_path, text_file, capsys
     refused(capsys, evaluate_later, tmp_path, phrase)
 
 
-@pytest.mark.parametrize("where", ["--out", "--model", "--calib-tokens", "inspect"])
+@pytest.mark.parametrize("where", ["--out", "--model", "--scratch", "--calib-tokens", "inspect"])
 def test_a_loop_of_links_is_one_line(where, model, text_file, tmp_path, capsys):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     argv = {
         "--out": prune_args(model, loop, text_file),
         "--model": prune_args(loop, tmp_path / "out", text_file),
+        "--scratch": prune_args(model, tmp_path / "out", text_file, "--method", "gblm", "--scratch", str(loop / "s")),
         "--calib-tokens": prune_args(model, tmp_path / "out", text_file, "--calib-tokens", str(loop)),
         "inspect": ["inspect", str(loop)],
     }[where]
@@ -200,6 +208,76 @@ def test_numbers_past_any_machine_in_a_config_file(model, text_file, tmp_path, c
     config = tmp_path / "run.yaml"
     config.write_text(f"calibration:\n  seed: {10**23}\nruntime:\n  threads: {2**40}\n")
     refused(capsys, [*prune_args(model, tmp_path / "out", text_file), "--config", str(config)], tmp_path, "64 bits")
+
+
+def gblm_args(model: Path, out: Path, text: Path, scratch: Path) -> list[str]:
+    return prune_args(model, out, text, "--method", "gblm", "--scratch", str(scratch), "--activation-storage", "disk")
+
+
+def test_a_blocked_scratch_folder(model, text_file, tmp_path, capsys):
+    """--scratch under a file: refused by the driver, before any work."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    refused(capsys, gblm_args(model, tmp_path / "out", text_file, blocker / "scratch"), tmp_path, "is not a folder")
+
+
+def test_a_scratch_folder_the_system_will_not_let_anyone_write(model, text_file, tmp_path, capsys):
+    """/proc takes no new folders, not even from root (and has no free space to offer)."""
+    refused(capsys, gblm_args(model, tmp_path / "out", text_file, Path("/proc/dist-prune-scratch")), tmp_path, "/proc")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_scratch_folder(model, text_file, tmp_path, capsys):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o555)
+    refused(capsys, gblm_args(model, tmp_path / "out", text_file, scratch), tmp_path, "read-only")
+
+
+def almost_full(monkeypatch, folder: Path) -> None:
+    """`folder`'s disk made to look almost full (1000 bytes free) to the driver's check."""
+    usage = shutil.disk_usage
+
+    def reported(path):
+        real = usage(path)
+        return real._replace(free=1000) if Path(path) == folder else real
+
+    monkeypatch.setattr(shutil, "disk_usage", reported)
+
+
+def test_an_output_disk_without_room_for_the_plan(model, text_file, tmp_path, capsys, monkeypatch):
+    """The output's bytes (13 MB here) against the free space of its disk, before any worker starts."""
+    almost_full(monkeypatch, tmp_path)
+    refused(capsys, prune_args(model, tmp_path / "out", text_file), tmp_path, "GiB free")
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second file system for --scratch")
+def test_a_scratch_disk_without_room_for_the_plan(model, text_file, tmp_path, capsys, monkeypatch):
+    """The scratch bytes the plan counts (GBLM's stored inputs and gradient rows), on the scratch folder's own
+    disk: refused before the folder is even made."""
+    almost_full(monkeypatch, Path("/dev/shm"))
+    scratch = Path("/dev/shm") / f"dist-prune-test-{os.getpid()}"
+    refused(capsys, gblm_args(model, tmp_path / "out", text_file, scratch), tmp_path, "under /dev/shm")
+    assert not scratch.exists()
+
+
+def test_an_output_disk_that_fills_during_the_run(model, text_file, tmp_path):
+    """A real write error in the middle of the run (a file-size limit of 1 MB: the layer files fit, the
+    embeddings do not): one line, exit 2, and the finished layers kept for --resume."""
+    out = tmp_path / "out"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    argv = [sys.executable, "-m", "dist_prune", *prune_args(model, out, text_file)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "cannot write" in lines[0] and "model-rest.safetensors: File too large" in lines[0]
+    assert "--resume" in lines[0] and not out.exists()
+    kept = sorted(p.name for p in (tmp_path / ".out.partial").iterdir())
+    assert kept == ["dist_prune.json", "model-layer-00000-of-00002.safetensors", "model-layer-00001-of-00002.safetensors"]
+    assert main(prune_args(model, out, text_file, "--resume")) == 0
 
 
 def zero_checkpoint(root: Path, model_states: object, optim_states: object) -> Path:
