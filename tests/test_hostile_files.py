@@ -314,3 +314,20 @@ def test_an_unexpected_structure_in_a_trusted_zero_checkpoint(case, model, text_
     refused(capsys, ["inspect", str(folder), "--trust-pickle"], tmp_path, "structure of a DeepSpeed checkpoint")
     argv = prune_args(folder, tmp_path / "out", text_file, "--trust-pickle")
     refused(capsys, argv, tmp_path, "structure of a DeepSpeed checkpoint")
+
+
+def test_no_gloo_thread_outlives_a_job(tiny_llama, text_file, tmp_path):
+    """Teardown joins gloo's worker threads instead of sleeping past them: after a layer-wise job and an FSDP
+    one (whose DTensor caches held the process group), no thread of the group is left when the process exits."""
+    script = f"""
+import os, dist_prune
+for method, out in (("wanda", "a"), ("flap", "b")):
+    dist_prune.prune(model={str(tiny_llama)!r}, out={str(tmp_path)!r} + "/" + out, method=method, nsamples=4,
+                     seqlen=32, calib_source={str(text_file)!r}, eval_after=False, device="cpu", ratio=0.2,
+                     protect_first=0, recover_steps=0)
+names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sorted(n for n in names if "gloo" in n))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
