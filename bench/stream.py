@@ -214,7 +214,7 @@ def _write_random_checkpoint(path: str, shape_name: str) -> int:
 
 
 def _tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of a LLaMA checkpoint with its shape, as dist_prune's adapter expects them."""
+    """Every tensor of a LLaMA checkpoint with its shape, as dist_prune's model family expects them."""
     return list(family_of(config).expected_shapes(config).items())
 
 

@@ -5,7 +5,8 @@ checkpoint (zero.py), checked before anything heavy is loaded, and read one tens
 `shape(name)` and `read(names, rows)`, the same for both kinds, so nothing downstream knows which it is.
 """
 
-import json
+import math
+import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,8 +16,10 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .assets import resolve_model
-from .errors import CheckpointError
+from .errors import CheckpointError, shown
 from .models import Family, family_of, linear_shapes
+from .provenance import fingerprint
+from .safe_io import open_regular, parse_json, read_json, resolved
 from .zero import ZeroLayout, ZeroWeights, beside, find_tag_dir, is_zero_checkpoint, read_layout, require_trust
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,6 +35,7 @@ class CheckpointInfo:
     files_dir: Path | None = None  # config.json and the tokenizer (None: `path`)
     zero: ZeroLayout | None = None
     out_dtype: torch.dtype | None = None  # None: the checkpoint's own dtype
+    fingerprint: str = ""  # config.json and the weight files' sizes and headers (provenance.py)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -96,7 +100,8 @@ def inspect_zero_checkpoint(path: Path, source, out_dtype: torch.dtype) -> Check
     config = read_model_config(files_dir / "config.json")
     layout = read_layout(tag_dir)
     check_shapes(tag_dir, config, layout.shapes)
-    return CheckpointInfo(tag_dir, config, layout.files, files_dir=files_dir, zero=layout, out_dtype=out_dtype)
+    files = {"shapes": layout.shapes, "sizes": {file.name: file.stat().st_size for file in layout.files}}
+    return CheckpointInfo(tag_dir, config, layout.files, files_dir, layout, out_dtype, fingerprint(config, files))
 
 
 def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> CheckpointInfo:
@@ -109,14 +114,15 @@ def inspect_checkpoint(path: Path, trust_remote_code: bool = False) -> Checkpoin
     config = read_model_config(path / "config.json")
     if "auto_map" in config and not trust_remote_code:
         raise CheckpointError(
-            f"{path} ships its own model code ({', '.join(config['auto_map'].values())}); loading it runs that "
-            f"code: pass --trust-remote-code to evaluate it (dist_prune prunes stock checkpoints of the families it reads)"
+            f"{path} ships its own model code ({shown(config['auto_map'])}); loading it runs that code: pass "
+            f"--trust-remote-code to evaluate it (dist_prune prunes stock checkpoints of the families it reads)"
         )
     files = listed_weight_files(path)
     headers = {file: check_safetensors_file(file) for file in files}
     if "auto_map" not in config:
         check_tensors(path, config, headers)
-    return CheckpointInfo(path=path, config=config, weight_files=files)
+    described = {file.name: [file.stat().st_size, entries] for file, entries in headers.items()}
+    return CheckpointInfo(path=path, config=config, weight_files=files, fingerprint=fingerprint(config, described))
 
 
 def read_model_config(config_file: Path) -> dict:
@@ -136,19 +142,25 @@ def check_model_config(config: dict, config_file: Path) -> None:
     the weights must be floating point."""
     for key in REQUIRED_SIZES:
         value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CheckpointError(f"{config_file}: {key} must be a positive integer, got {value!r}")
+        if not _positive_int(value):
+            raise CheckpointError(f"{config_file}: {key} must be a positive integer, got {shown(value)}")
     kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    if not isinstance(kv_heads, int) or config["num_attention_heads"] % kv_heads:
-        raise CheckpointError(f"{config_file}: num_key_value_heads {kv_heads!r} must divide the heads")
+    if not _positive_int(kv_heads) or config["num_attention_heads"] % kv_heads:
+        raise CheckpointError(f"{config_file}: num_key_value_heads {shown(kv_heads)} must divide the heads")
+    if config.get("head_dim") is not None and not _positive_int(config["head_dim"]):
+        raise CheckpointError(f"{config_file}: head_dim must be a positive integer, got {shown(config['head_dim'])}")
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{config_file}: dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{config_file}: dtype {shown(dtype)} is not one of {', '.join(FLOAT_DTYPES)}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_shapes(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
     """Every tensor the model needs is there with the shape config.json implies."""
-    for name, shape in family_of(config).expected_shapes(config).items():
+    for name, shape in family_of(config).iter_expected_shapes(config):
         if name not in shapes:
             raise CheckpointError(f"checkpoint {path} has no tensor {name}")
         if list(shapes[name]) != list(shape):
@@ -159,7 +171,7 @@ def check_tensors(path: Path, config: dict, headers: dict[Path, dict]) -> None:
     """Every tensor the model needs is in the file the index names, with the shape config.json implies."""
     index = _read_json(path / INDEX_FILE, "weight index")["weight_map"] if (path / INDEX_FILE).is_file() else None
     shapes = {}
-    for name in family_of(config).expected_shapes(config):
+    for name, _ in family_of(config).iter_expected_shapes(config):
         file = path / index[name] if index and name in index else (path / SINGLE_FILE if index is None else None)
         entry = headers.get(file, {}).get(name) if file else None
         if entry is None:
@@ -171,10 +183,7 @@ def check_tensors(path: Path, config: dict, headers: dict[Path, dict]) -> None:
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is missing")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{what} {path} is not valid JSON: {err}") from None
+    value = read_json(path, what, CheckpointError)
     if not isinstance(value, dict):
         raise CheckpointError(f"{what} {path} must hold a JSON object, not {type(value).__name__}")
     return value
@@ -188,39 +197,57 @@ def listed_weight_files(path: Path) -> tuple[Path, ...]:
         names = sorted(set(weight_map.values()))
         if not names:
             raise CheckpointError(f"{path / INDEX_FILE} maps no weights")
-        root = path.resolve()
-        outside = [n for n in names if root not in (root / n).resolve().parents]
+        root = resolved(path)
+        outside = [n for n in names if root not in resolved(root / n).parents]
         if outside:
             raise CheckpointError(f"{path / INDEX_FILE} names files outside the checkpoint directory: {outside[0]}")
-        missing = [n for n in names if not (path / n).is_file()]
+        missing = [
+            n for n in names if not os.path.lexists(path / n)
+        ]  # what is there but not a file: refused by its check
         if missing:
             raise CheckpointError(f"checkpoint {path} is missing shard(s): {', '.join(missing)}")
         return tuple(path / n for n in names)
-    if (path / SINGLE_FILE).is_file():
+    if os.path.lexists(path / SINGLE_FILE):  # whatever stands there: not a regular file is refused by its check
         return (path / SINGLE_FILE,)
     raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def has_weights(path: Path) -> bool:
+    """A folder naming safetensors weights the HF way (an index, or model.safetensors, whatever it turns out
+    to be: its checks say what is wrong with it)."""
+    return (path / INDEX_FILE).is_file() or os.path.lexists(path / SINGLE_FILE)
+
+
+# safetensors' own limit on a header; and the bytes per element of each dtype it stores.
+HEADER_LIMIT = 100_000_000
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}  # fmt: skip
 
 
 def check_safetensors_file(file: Path) -> dict:
     """A truncated or corrupt shard is caught here from its header, without reading the tensors; returns
     the header's tensor entries by name."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
+    with open_regular(file, "shard", CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"shard {file} is truncated ({size} bytes)")
         (header_len,) = struct.unpack("<Q", head)
         if 8 + header_len > size:
             raise CheckpointError(f"shard {file} is truncated: its header alone needs {8 + header_len} bytes")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"shard {file} has a corrupt header") from None
+        if header_len > HEADER_LIMIT:
+            raise CheckpointError(f"shard {file} has a corrupt header (it claims {header_len:,} bytes)")
+        header = parse_json(f.read(header_len), f"the header of shard {file}", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"shard {file} has a corrupt header (not a JSON object)")
     entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
     if not all(_valid_entry(entry) for entry in entries.values()):
         raise CheckpointError(f"shard {file} has a corrupt header (a tensor without dtype, shape and offsets)")
+    mismatched = next((name for name, entry in entries.items() if not _sized_as_shaped(entry)), None)
+    if mismatched is not None:
+        raise CheckpointError(
+            f"shard {file} has a corrupt header: {shown(mismatched)}'s bytes do not match its dtype and shape"
+        )
     spans = sorted(tuple(entry["data_offsets"]) for entry in entries.values())
     # Tensors tile the data section: each starts where the previous one ends, none overlaps another.
     if any(start != previous_end for (start, _), (_, previous_end) in zip(spans[1:], spans, strict=False)):
@@ -247,6 +274,13 @@ def _valid_entry(entry) -> bool:
     )
 
 
+def _sized_as_shaped(entry: dict) -> bool:
+    """A known dtype whose element size times the shape's element count is the entry's byte span."""
+    itemsize = DTYPE_BYTES.get(entry["dtype"])
+    start, end = entry["data_offsets"]
+    return itemsize is not None and math.prod(entry["shape"]) * itemsize == end - start
+
+
 def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None:
     if nm is None:
         return
@@ -260,7 +294,7 @@ def check_pattern_fits(info: CheckpointInfo, nm: tuple[int, int] | None) -> None
 def tensor_files(path: Path) -> dict[str, Path]:
     """Which safetensors file holds each tensor of the checkpoint."""
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        weight_map = _read_json(path / INDEX_FILE, "weight index")["weight_map"]
         return {name: path / file for name, file in weight_map.items()}
     if (path / SINGLE_FILE).is_file():
         with safe_open(path / SINGLE_FILE, framework="pt") as f:

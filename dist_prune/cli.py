@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import field_doc, leaf_fields, leaf_type, load_config
-from .errors import DistPruneError
+from .errors import ConfigError, DistPruneError
 from .log import get_logger, setup_logging
 from .progress import Progress
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except DistPruneError as err:  # a malformed flag (an int flag given "1e23"): one line, as any bad input
+        return _report_error(err)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     quiet, json_lines = getattr(args, "quiet", False), getattr(args, "log_json", False)
     setup_logging(quiet=quiet, json_lines=json_lines)
@@ -34,14 +37,21 @@ def _report_error(err: DistPruneError) -> int:
     return err.exit_code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a malformed command line reported as one line (no usage block), as any bad input is."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
     # --quiet is accepted before or after the subcommand name.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
     common.add_argument(
         "--log-json", action="store_true", default=argparse.SUPPRESS, help="progress and logs as JSON lines on stderr"
     )
-    parser = argparse.ArgumentParser(prog="dist-prune", description=__doc__.splitlines()[0], parents=[common])
+    parser = _Parser(prog="dist-prune", description=__doc__.splitlines()[0], parents=[common])
     commands = parser.add_subparsers(required=True, dest="command")
 
     prune = commands.add_parser("prune", parents=[common], help="prune a checkpoint and write a new one")
@@ -141,6 +151,10 @@ def _prune(args: argparse.Namespace) -> int:
     try:
         report = prune(config, args.progress)
     except DistPruneError as err:
+        hint = _how_to_resume(config, args.argv)
+        if err.exit_code == 2 and hint:  # bad input is one line, how to resume included
+            print(f"dist-prune: error: {err}; {hint}", file=sys.stderr)
+            return err.exit_code
         code = _report_error(err)
         _say_how_to_resume(config, args.argv)
         return code
@@ -157,16 +171,22 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _say_how_to_resume(config, argv: list[str]) -> None:
+    hint = _how_to_resume(config, argv)
+    if hint:
+        print(f"dist-prune: {hint}", file=sys.stderr)
+
+
+def _how_to_resume(config, argv: list[str]) -> str:
     """A run that stopped after finishing some layers kept them: say so, with the command that continues."""
     import shlex
 
     from .writer import resumable_partial
 
     partial = resumable_partial(Path(config.out))
-    if partial is not None:
-        again = argv if "--resume" in argv else [*argv, "--resume"]
-        print(f"dist-prune: the finished layers are kept in {partial}; continue with: dist-prune {shlex.join(again)}",
-              file=sys.stderr)  # fmt: skip
+    if partial is None:
+        return ""
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    return f"the finished layers are kept in {partial}; continue with: dist-prune {shlex.join(again)}"
 
 
 def _grad(args: argparse.Namespace) -> int:
@@ -223,14 +243,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verified(path: Path) -> int:
     """The number of layer files that match the manifest; any that does not is an error."""
-    from .writer import MANIFEST, is_dist_prune_output, verify_output
+    from .writer import MANIFEST, read_manifest, verify_output
 
-    if not is_dist_prune_output(path):
+    if not (path / MANIFEST).exists():
         raise DistPruneError(f"{path} has no {MANIFEST}: only a dist_prune output can be verified")
     failed = verify_output(path)
     if failed:
         raise DistPruneError(f"{len(failed)} file(s) in {path} do not match the manifest: {', '.join(failed)}")
-    return len(json.loads((path / MANIFEST).read_text())["layers"])
+    return len(read_manifest(path)["layers"])
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -262,6 +282,8 @@ def _print_summary(report: dict, out: str) -> None:
               f"{p['model_after']:,} in the model); output: {out}")  # fmt: skip
     else:
         print(f"sparsity {report['total_sparsity']:.4f} of decoder Linear weights; output: {out}")
+    if report.get("resumed_layers"):  # said here too: under Ray the workers' own log lines stay with them
+        get_logger().info("resumed: layers 0-%d were reused from the interrupted run", report["resumed_layers"] - 1)
     get_logger().info("report: %s/prune_report.json", out)
 
 

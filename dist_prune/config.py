@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .registry import FORWARD_ONLY, METHODS, method
 
 LAUNCHERS = ("local", "ray", "torchrun")
@@ -207,11 +207,14 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
-        raise ConfigError(f"memory size must look like 80GiB or 512MB, got {text!r}")
+        raise ConfigError(f"memory size must look like 80GiB or 512MB, got {shown(text)}")
     try:
-        return int(float(match.group(1)) * _UNITS[unit])
+        size = float(match.group(1)) * _UNITS[unit]
     except ValueError:
-        raise ConfigError(f"memory size must look like 80GiB or 512MB, got {text!r}") from None
+        raise ConfigError(f"memory size must look like 80GiB or 512MB, got {shown(text)}") from None
+    if not size < LARGEST_INT:  # 1e400 reads as infinity
+        raise ConfigError(f"memory size {shown(text)} is beyond any machine's")
+    return int(size)
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -220,7 +223,7 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not match:
-        raise ConfigError(f"pattern must look like N:M (e.g. 2:4), got {pattern!r}")
+        raise ConfigError(f"pattern must look like N:M (e.g. 2:4), got {shown(pattern)}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise ConfigError(f"impossible N:M pattern {pattern!r}: need 0 < N < M")
@@ -256,12 +259,12 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
         if isinstance(value, dict) and key in {s for s, _ in leaves.values() if s}:
             for sub_key, sub_value in value.items():
                 if sub_key not in leaves or leaves[sub_key][0] != key:
-                    raise ConfigError(f"unknown config key {key}.{sub_key}")
+                    raise ConfigError(f"unknown config key {key}.{shown(sub_key)}")
                 flat[sub_key] = sub_value
         elif key in leaves:
             flat[key] = value
         else:
-            raise ConfigError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {shown(key)}")
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
@@ -301,17 +304,24 @@ _Yaml12IntLoader.add_implicit_resolver(
 )
 
 
+# A run's YAML file is a page of settings; a megabyte is far beyond any (and bounds what a parse can cost).
+CONFIG_LIMIT = 2**20
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PruneConfig:
     values: dict[str, Any] = {}
     if path is not None:
+        from .safe_io import read_bounded
+
+        data = read_bounded(Path(path), CONFIG_LIMIT, "config file", ConfigError)
         try:
-            values = yaml.load(Path(path).read_text(), Loader=_Yaml12IntLoader) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+            values = yaml.load(data.decode("utf-8"), Loader=_Yaml12IntLoader) or {}
+        except UnicodeDecodeError as err:
             raise ConfigError(f"config file {path} cannot be read as text: {err}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {shown(str(err))}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply to be read") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
     return build_config(values, overrides)
@@ -320,8 +330,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 def validate(config: PruneConfig) -> None:
     p, c, e = config.prune, config.calibration, config.evaluation
     _check_types(config)
+    if Path(config.out).name in ("", ".", ".."):
+        raise ConfigError(f"out {shown(config.out)} names no folder or file of its own: give the output's name")
     if p.method not in METHODS:
-        raise ConfigError(f"unknown method {p.method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {shown(p.method)}; choose one of {', '.join(METHODS)}")
     if method(p.method).structured:
         _validate_structured(p.method, config.structured, p.pattern)
         if config.runtime.resume:
@@ -332,9 +344,9 @@ def validate(config: PruneConfig) -> None:
     if p.method == "sparsegpt" and nm is not None and p.sparsegpt_blocksize % nm[1]:
         raise ConfigError(f"sparsegpt_blocksize {p.sparsegpt_blocksize} must be a multiple of M={nm[1]} for N:M")
     if p.magnitude_scope not in ("matrix", "row"):
-        raise ConfigError(f"magnitude_scope must be 'matrix' or 'row', got {p.magnitude_scope!r}")
+        raise ConfigError(f"magnitude_scope must be 'matrix' or 'row', got {shown(p.magnitude_scope)}")
     if p.gblm_norm not in ("l1", "l2"):
-        raise ConfigError(f"gblm_norm must be 'l1' or 'l2', got {p.gblm_norm!r}")
+        raise ConfigError(f"gblm_norm must be 'l1' or 'l2', got {shown(p.gblm_norm)}")
     _one_of("gradient_dtype", p.gradient_dtype, GRADIENT_DTYPES)
     if config.source.out_dtype is not None:
         _one_of("out_dtype", config.source.out_dtype, OUT_DTYPES)
@@ -351,15 +363,15 @@ def validate(config: PruneConfig) -> None:
         _positive("eval_windows", e.eval_windows)
     r = config.runtime
     if r.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {r.device!r}")
-    _positive("workers", r.workers)
+        raise ConfigError(f"device must be auto, cpu or cuda, got {shown(r.device)}")
+    _positive("workers", r.workers, MAX_WORKERS)
     if r.threads is not None:
-        _positive("threads", r.threads)
-    _positive("heartbeat_timeout", r.heartbeat_timeout)
+        _positive("threads", r.threads, MAX_THREADS)
+    _positive("heartbeat_timeout", r.heartbeat_timeout, MAX_HEARTBEAT_S)
     if r.max_restarts < 0:
         raise ConfigError(f"max_restarts must not be negative, got {r.max_restarts}")
     if r.launcher not in LAUNCHERS:
-        raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {r.launcher!r}")
+        raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {shown(r.launcher)}")
     _one_of("residency", r.residency, RESIDENCIES)
     _one_of("activation_storage", r.activation_storage, ACTIVATION_STORAGES)
     if r.device_memory is not None:
@@ -391,12 +403,21 @@ def _validate_structured(name: str, s: StructuredConfig, pattern: str | None) ->
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {shown(value)}")
 
 
-def _positive(name: str, value: float) -> None:
+# Bounds where a value would reach a C integer, a loop or a timer before any plan could refuse it.
+LARGEST_INT = 2**63  # every integer setting fits a C int64
+MAX_THREADS = 4096
+MAX_WORKERS = 65536
+MAX_HEARTBEAT_S = 86400.0
+
+
+def _positive(name: str, value: float, most: float | None = None) -> None:
     if not math.isfinite(value) or value <= 0:  # NaN compares False with everything: test it by name
         raise ConfigError(f"{name} must be a positive number, got {value}")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} must be at most {most:g}, got {shown(value)}")
 
 
 def _check_types(config: PruneConfig) -> None:
@@ -409,11 +430,13 @@ def _check_types(config: PruneConfig) -> None:
         if value is None and type(None) in allowed:
             continue
         if isinstance(value, bool) and bool not in allowed:
-            raise ConfigError(f"{name} must be {_type_name(hint)}, got {value!r}")
+            raise ConfigError(f"{name} must be {_type_name(hint)}, got {shown(value)}")
+        if isinstance(value, int) and not -LARGEST_INT <= value < LARGEST_INT:
+            raise ConfigError(f"{name} {shown(value)} is too large: integer settings fit in 64 bits")
         if float in allowed and isinstance(value, int):
             continue
         if not isinstance(value, tuple(t for t in allowed if isinstance(t, type))):
-            raise ConfigError(f"{name} must be {_type_name(hint)}, got {value!r}")
+            raise ConfigError(f"{name} must be {_type_name(hint)}, got {shown(value)}")
 
 
 def _type_name(hint: Any) -> str:

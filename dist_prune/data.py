@@ -130,6 +130,17 @@ def load_token_windows(path: str, nsamples: int, seqlen: int) -> Tensor:
     return windows[:nsamples, :seqlen].long()
 
 
+def check_token_ids(tokens: Tensor, vocab_size: int, source: str) -> Tensor:
+    """Token ids the model's embedding has no row for (a tokenizer that does not go with the model, a token
+    file made for another) would fail deep inside a worker: refused here, in one line."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise CalibrationError(
+            f"{source} gives token ids from {int(tokens.min())} to {int(tokens.max())}; this model's vocabulary has "
+            f"ids 0 to {vocab_size - 1}"
+        )
+    return tokens
+
+
 def evaluation_windows(tokens: Tensor, seqlen: int, max_windows: int | None) -> Tensor:
     """Non-overlapping windows from the start of the stream: (windows, seqlen)."""
     count = tokens.numel() // seqlen

@@ -3,6 +3,7 @@ and its checks. The pass itself is distributed/layer_gradients.py."""
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import Tensor
 from .distributed.process_group import local_share
 from .errors import ConfigError
 from .models import LINEARS, linear_shapes, linear_weight_name
+from .safe_io import disk_errors, new_staged
 
 GRADIENT_KIND = "dist_prune/gblm-gradient-sums"
 FP32_BYTES = 4
@@ -35,7 +37,7 @@ class GradientSumsWriter:
     length, a JSON header (name -> dtype, shape, byte offsets in the data section), then the tensors' bytes.
     Every shape is known before the pass starts, so the header is written first and each layer's sums land
     at their offsets when they are ready; `safe_open` reads the result like any other file. The file is
-    built as `NAME.partial` and renamed once every tensor is in place."""
+    built under a hidden name of its own (safe_io.new_staged) and renamed once every tensor is in place."""
 
     def __init__(self, path: Path, shapes: dict[str, list[int]], scale: float, norm: str, nsamples: int, seqlen: int):
         meta = {
@@ -56,10 +58,11 @@ class GradientSumsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
         self.data_start = 8 + len(encoded)
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
+        self.path, self.partial = path, new_staged(path)
         self.file = open(self.partial, "wb")
-        self.file.write(struct.pack("<Q", len(encoded)) + encoded)
-        self.file.truncate(self.data_start + end)
+        with disk_errors(path):
+            self.file.write(struct.pack("<Q", len(encoded)) + encoded)
+            self.file.truncate(self.data_start + end)
         self.missing = set(shapes)
 
     def write(self, tensors: dict[str, Tensor]) -> None:
@@ -68,20 +71,23 @@ class GradientSumsWriter:
             if list(tensor.shape) != shape:
                 raise ValueError(f"{name}: sums of shape {list(tensor.shape)}, the header says {shape}")
             self.file.seek(self.data_start + start)
-            self.file.write(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            with disk_errors(self.path):
+                self.file.write(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self.missing.discard(name)
 
     def __enter__(self) -> "GradientSumsWriter":
         return self
 
     def __exit__(self, kind, *_) -> None:
-        self.file.close()
-        if kind is not None or self.missing:
-            self.partial.unlink(missing_ok=True)
-            if kind is None:
+        try:
+            with disk_errors(self.path):
+                self.file.close()  # buffered bytes are written here: the disk can still be full
+            if kind is None and self.missing:
                 raise ValueError(f"the gradient pass left {len(self.missing)} tensors unwritten")
-            return
-        self.partial.rename(self.path)
+            if kind is None:
+                os.replace(self.partial, self.path)
+        finally:
+            self.partial.unlink(missing_ok=True)  # gone already when it took its name
 
 
 def is_gradients_file(path: Path) -> bool:

@@ -5,6 +5,7 @@ checkpoint larger than memory can be inspected on any machine.
 """
 
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import astuple, dataclass
@@ -13,7 +14,15 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
-from .checkpoint import INDEX_FILE, SINGLE_FILE, check_safetensors_file, listed_weight_files, read_model_config
+from .checkpoint import (
+    DTYPE_BYTES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    check_safetensors_file,
+    has_weights,
+    listed_weight_files,
+    read_model_config,
+)
 from .config import parse_pattern
 from .errors import CheckpointError
 from .models import LINEAR_INPUT_OWNER
@@ -21,21 +30,10 @@ from .zero import find_tag_dir, read_layout, require_trust
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 DECODER_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
-# safetensors dtype -> (torch name, bytes per element)
-DTYPES = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-}
+# safetensors dtype -> torch's name (the element sizes are checkpoint.DTYPE_BYTES)
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+               "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+               "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 MODULE_ORDER = tuple(LINEAR_INPUT_OWNER)
 LISTED_NAMES = 10
 
@@ -64,9 +62,9 @@ class TensorRef:
 
 def weight_files(path: Path) -> tuple[Path, ...]:
     """A .safetensors file itself, or a checkpoint directory's weight shards, each checked for truncation."""
-    if path.is_file():
-        files: tuple[Path, ...] = (path,)
-    elif (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file():
+    if os.path.lexists(path) and not path.is_dir():
+        files: tuple[Path, ...] = (path,)  # a .safetensors file (or what claims to be one: checked below)
+    elif has_weights(path):
         if (path / "config.json").is_file():
             read_model_config(path / "config.json")  # refuse what prune and eval refuse
         files = listed_weight_files(path)
@@ -107,7 +105,7 @@ def row_chunks(ref: TensorRef, rows_per_chunk: int) -> Iterator[Tensor]:
 
 
 def rows_per_chunk(ref: TensorRef, chunk_bytes: int) -> int:
-    row_bytes = ref.shape[1] * DTYPES.get(ref.dtype, ("", 8))[1]
+    row_bytes = ref.shape[1] * DTYPE_BYTES.get(ref.dtype, 8)
     return max(1, chunk_bytes // max(1, row_bytes))
 
 
@@ -280,7 +278,7 @@ def _per_module(layer_entries: list[dict]) -> dict[str, dict]:
 def _parameters_by_dtype(refs) -> dict[str, int]:
     counts: dict[str, int] = {}
     for ref in refs:
-        name = DTYPES.get(ref.dtype, (ref.dtype.lower(),))[0]
+        name = DTYPE_NAMES.get(ref.dtype, ref.dtype.lower())
         counts[name] = counts.get(name, 0) + ref.numel
     return counts
 

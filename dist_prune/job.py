@@ -18,6 +18,7 @@ GBLM's gradient sums come first, from the layer-wise gradient pass (distributed/
 saved file, and each worker keeps only its rows of them, in the scratch directory.
 """
 
+import hashlib
 import json
 import math
 import resource
@@ -31,11 +32,12 @@ import torch
 from torch import Tensor
 
 from .background import Background, Prefetcher, page_locked, to_host, to_host_dict
-from .checkpoint import load_tokenizer, open_checkpoint
+from .checkpoint import CheckpointInfo, load_tokenizer, open_checkpoint
 from .config import PruneConfig
 from .data import (
     calibration_stream,
     calibration_windows,
+    check_token_ids,
     evaluation_windows,
     load_text,
     recovery_token_windows,
@@ -45,7 +47,7 @@ from .distributed import ShardSelector, StopRequest, Workers, all_reduce_layer_s
 from .distributed.collectives import any_worker, broadcast_from_first, gather_rows, sum_across_workers
 from .distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, Scratch, layerwise_gradient_pass
 from .distributed.residency import ResidentStore, StreamStore
-from .errors import CheckpointError
+from .errors import CheckpointError, DistPruneError
 from .gradients import GradientSumsWriter, gradient_shapes, read_layer_gradient_rows
 from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run_layer
 from .log import get_logger
@@ -54,8 +56,10 @@ from .methods import GroupMember, prune_group
 from .models import EMBEDDING, INPUT_GROUPS, LINEARS, Shell, layer_prefix, linear_weight_name
 from .precision import compute_dtype
 from .progress import PhaseClock, Progress, rounded
+from .provenance import ReadRecord
 from .registry import method
 from .report import build_report, phase_report
+from .safe_io import read_json, resolved, write_text
 from .writer import CheckpointWriter, Interrupted, finish_run
 
 log = get_logger()
@@ -103,12 +107,10 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         stop = stack.enter_context(StopRequest())
         run = Run(config, workers, progress, scratch)
         stack.callback(run.close)
-        windows, eval_windows, _ = token_windows(config, run.info.model_files, progress)
-        writer = stack.enter_context(_writer(config, run.info.num_layers)) if workers.is_main else None
-        finished = writer.verified_layers() if writer is not None else []
+        windows, eval_windows, _ = token_windows(config, run.info, progress)
+        writer = stack.enter_context(_writer(config, run.info)) if workers.is_main else None
+        finished = _finished_layers(run, writer)
         done = int(sum_across_workers([float(len(finished))], workers.device)[0])  # worker 0 alone knows
-        if done:
-            log.info("resuming: layers 0-%d of the interrupted run verify and are reused", done - 1)
         gradients = stack.enter_context(_gradient_rows(run, windows, done)) if run.method.gradients else None
         with progress.phase("stem"):  # layer 0's inputs, from the embedding
             stem = run.stem() if run.method.statistics or eval_windows is not None else None  # read once for both
@@ -134,15 +136,36 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
     return report
 
 
-def _writer(config: PruneConfig, num_layers: int) -> CheckpointWriter:
+def _writer(config: PruneConfig, info: CheckpointInfo) -> CheckpointWriter:
     r = config.runtime
-    return CheckpointWriter(Path(config.out), num_layers, result_settings(config), r.overwrite, r.resume)
+    return CheckpointWriter(Path(config.out), info.num_layers, run_settings(config, info), r.overwrite, r.resume)
+
+
+def _finished_layers(run: Run, writer: CheckpointWriter | None) -> list[dict]:
+    """Worker 0: the interrupted run's layers that verify, said in the log; from here on every part of the
+    model it reads is checked against what that run read (provenance.py)."""
+    if writer is None:
+        return []
+    recorded = len(writer.manifest["layers"])
+    finished = writer.verified_layers()
+    if finished:
+        log.info("resuming: layers 0-%d of the interrupted run verify and are reused", len(finished) - 1)
+    if recorded > len(finished):
+        log.info("resuming: layer %d's file does not verify: the interrupted run's layers %d-%d are done again",
+                 len(finished), len(finished), recorded - 1)  # fmt: skip
+    run.store.record = ReadRecord(writer.manifest["reads"], run.config.model)
+    return finished
 
 
 # Runtime settings that change where and how fast a run computes, not what it computes: a run may resume
 # with other values. (The thread count can change BLAS rounding: resume with the same threads for bit-identity.)
 RUN_ONLY = ("workers", "launcher", "threads", "device_memory", "residency", "activation_storage", "scratch",
             "overwrite", "resume")  # fmt: skip
+
+
+def run_settings(config: PruneConfig, info: CheckpointInfo) -> dict:
+    """What --resume must match: the settings that decide the result, and the source model's fingerprint."""
+    return {**result_settings(config), "source": info.fingerprint}
 
 
 def result_settings(config: PruneConfig) -> dict:
@@ -383,18 +406,24 @@ def _run_gradient_pass_unless_kept(run: Run, windows: Tensor, done: int) -> None
     there by a killed run made with the same settings."""
     needed = range(done, run.info.num_layers)
     # A resumed run reuses the rows a killed run left, when every worker has all it needs (the pass is a
-    # collective: all run it or none) and they were made with the same settings; the scratch name carries the
-    # output, the rank and the world size.
+    # collective: all run it or none) and they were made with the same settings and model; the scratch name
+    # carries the output, the rank and the world size. Worker 0's file also holds what the pass read of the
+    # model, which the layer loop checks as it reads each layer again (provenance.py).
     made_for = run.scratch.dir / "gradients-settings.json"
-    settings = json.dumps(result_settings(run.config), sort_keys=True)
-    reusable = made_for.is_file() and made_for.read_text() == settings
+    settings = run_settings(run.config, run.info)
+    found = _read_scratch_json(made_for) if run.scratch.has_file(made_for.name) else {}
+    reusable = found.get("settings") == json.loads(json.dumps(settings))  # as JSON gives it back
     missing = not (reusable and all(run.scratch.has(f"gradients-{index}") for index in needed))
     if needed and any_worker(missing, run.workers.device):
         with _rows_kept_in_scratch(run) as keep_my_rows:
             _gradient_pass(run, windows, keep_my_rows, frozenset(needed))
-        made_for.write_text(settings)
+        reads = run.store.record.reads if run.store.record is not None else {}
+        write_text(made_for, json.dumps({"settings": settings, "reads": reads}, sort_keys=True))
     elif needed:
         log.info("resuming: the gradient rows of layers %d-%d are reused", needed.start, needed.stop - 1)
+        if run.store.record is not None:
+            for part, digest in found.get("reads", {}).items():
+                run.store.record.reads.setdefault(part, digest)
 
 
 @contextmanager
@@ -422,6 +451,15 @@ def _rows_kept_in_scratch(run: Run) -> Iterator:
         yield keep_my_rows
     finally:
         behind.close()
+
+
+def _read_scratch_json(path: Path) -> dict:
+    """A file of this run's scratch folder; one a kill cut short counts as absent."""
+    try:
+        found = read_json(path, "scratch file", DistPruneError)
+    except DistPruneError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _release_gradient_rows(run: Run, index: int) -> None:
@@ -453,7 +491,8 @@ def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progre
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         run = Run(config, workers, progress, scratch)
         stack.callback(run.close)
-        windows = calibration_windows(config, calibration_stream(config, load_tokenizer(run.info.model_files)))
+        stream = _calibration_stream(config, load_tokenizer(run.info.model_files), run.info)
+        windows = calibration_windows(config, stream)
         writer = None
         if workers.is_main:
             shapes = gradient_shapes(run.info.config)
@@ -468,10 +507,18 @@ def _needs_scratch(config: PruneConfig) -> bool:
     return method(config.prune.method).gradients and not config.prune.gradients
 
 
+def scratch_root(config: PruneConfig) -> Path:
+    return Path(config.runtime.scratch) if config.runtime.scratch else Path(config.out).absolute().parent
+
+
 def _scratch(config: PruneConfig, workers: Workers) -> Scratch:
-    root = Path(config.runtime.scratch) if config.runtime.scratch else Path(config.out).absolute().parent
-    tag = f"{Path(config.out).name}-rank{workers.rank}-of-{workers.world_size}"
-    return Scratch(root, tag, resume=config.runtime.resume, kept=("gradients-",))
+    """This worker's scratch folder: its name carries the output (its name, for people, and a hash of its
+    whole path, so runs into a/x and b/x under one --scratch never share one), the rank and the world size;
+    the output's lock keeps a second run for the same output away."""
+    out = Path(config.out)
+    where = hashlib.sha256(str(resolved(out)).encode()).hexdigest()[:12]
+    tag = f"{out.name}-{where}-rank{workers.rank}-of-{workers.world_size}"
+    return Scratch(scratch_root(config), tag, resume=config.runtime.resume, kept=("gradients-",))
 
 
 def worker_memory(weight_bytes: int, w: Workers, progress: Progress) -> list[dict]:
@@ -514,18 +561,28 @@ class TokenWindows(NamedTuple):
     recovery: Tensor | None  # structured recovery's fresh windows of the calibration split
 
 
-def token_windows(config: PruneConfig, model_path: Path, progress: Progress) -> TokenWindows:
-    """The windows of every phase, from one tokenization of each split."""
+def token_windows(config: PruneConfig, info: CheckpointInfo, progress: Progress) -> TokenWindows:
+    """The windows of every phase, from one tokenization of each split, in the model's vocabulary."""
     m, e = method(config.prune.method), config.evaluation
     with progress.phase("tokenize"):
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(info.model_files)
         calibration = recovery = evaluation = None
         if m.statistics or m.gradients or m.structured:
-            stream = calibration_stream(config, tokenizer)
+            stream = _calibration_stream(config, tokenizer, info)
             calibration = calibration_windows(config, stream)
             if m.structured and config.structured.recover_steps:
                 recovery = recovery_token_windows(config, stream, calibration)
         if e.eval_after:
             tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))
-            evaluation = evaluation_windows(tokens, e.eval_seqlen, e.eval_windows)
+            evaluation = evaluation_windows(check_token_ids(tokens, info.config["vocab_size"], e.eval_text),
+                                            e.eval_seqlen, e.eval_windows)  # fmt: skip
         return TokenWindows(calibration, evaluation, recovery)
+
+
+def _calibration_stream(config: PruneConfig, tokenizer, info: CheckpointInfo) -> Tensor | None:
+    """The calibration text's tokens, refused when the model has no row for one (the driver checked a token
+    file)."""
+    stream = calibration_stream(config, tokenizer)
+    if stream is not None:
+        check_token_ids(stream, info.config["vocab_size"], config.calibration.calib_source)
+    return stream

@@ -59,29 +59,32 @@ def run_job(job: str, config: PruneConfig, workers, progress: Progress):
 
 
 def _in_process(job: str, config: PruneConfig, progress: Progress):
-    from .distributed import init_workers, teardown
+    from .distributed import init_workers, on_workers
 
-    workers = init_workers(0, 1, device=pick_device(config.runtime.device))
-    try:
-        return run_job(job, config, workers, progress)
-    finally:
-        teardown()
+    device = pick_device(config.runtime.device)
+    return on_workers(lambda: init_workers(0, 1, device=device), lambda w: run_job(job, config, w, progress))
 
 
 def _torchrun_rank(job: str, config: PruneConfig, progress: Progress):
     """This process is one rank; torchrun set RANK, WORLD_SIZE, MASTER_ADDR, ... and kills the others on failure."""
-    from .distributed import init_from_env, teardown
+    from .distributed import init_from_env, on_workers
 
     if "RANK" not in os.environ:
         raise ConfigError("--launcher torchrun must run under torchrun (RANK/WORLD_SIZE are not set)")
-    workers = init_from_env(pick_device(config.runtime.device), heartbeat_s=config.runtime.heartbeat_timeout)
-    if not workers.is_main:
-        progress = Progress("quiet")  # one view of the job: worker 0's, whose steps all workers share
-    setup_logging(quiet=progress.mode == "quiet", rank=workers.rank, world_size=workers.world_size)
-    try:
-        return run_job(job, _as_rank0_decided(config), workers, progress)
-    finally:
-        teardown()
+    device, heartbeat_s = pick_device(config.runtime.device), config.runtime.heartbeat_timeout
+
+    def rank_job(workers) -> dict | Path | None:
+        shown = progress if workers.is_main else Progress("quiet")  # one view of the job: worker 0's
+        setup_logging(quiet=shown.mode == "quiet", rank=workers.rank, world_size=workers.world_size)
+        return run_job(job, _as_rank0_decided(config), workers, shown)
+
+    return on_workers(lambda: init_from_env(device, heartbeat_s=heartbeat_s), rank_job)
+
+
+def writes_output(config: PruneConfig) -> bool:
+    """Whether this process's driver stands for the run that writes the output: every driver but a torchrun
+    rank other than 0 (worker 0 writes; under Ray the actors write for the driver)."""
+    return config.runtime.launcher != "torchrun" or os.environ.get("RANK", "0") == "0"
 
 
 def torchrun_world(config: PruneConfig) -> PruneConfig:
@@ -152,16 +155,15 @@ class WorkerActor:
         return ray.util.get_node_ip_address(), free_port()
 
     def run(self, job: str, config: PruneConfig, rank: int, address: str, port: int, device: str, events):
-        from .distributed import init_workers, teardown
+        from .distributed import init_workers, on_workers
 
-        world_size = config.runtime.workers
+        world_size, heartbeat_s = config.runtime.workers, config.runtime.heartbeat_timeout
         setup_logging(quiet=True, rank=rank, world_size=world_size)
-        workers = init_workers(rank, world_size, address, port, device, heartbeat_s=config.runtime.heartbeat_timeout)
         progress = Progress("quiet", sink=events.put if events is not None else None)
-        try:
-            return run_job(job, config, workers, progress)
-        finally:
-            teardown()
+        return on_workers(
+            lambda: init_workers(rank, world_size, address, port, device, heartbeat_s=heartbeat_s),
+            lambda workers: run_job(job, config, workers, progress),
+        )
 
 
 def _wait_for_workers(futures: list, events, progress: Progress):

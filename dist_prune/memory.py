@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .assets import resolve_model
-from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointInfo, open_checkpoint, read_model_config
+from .checkpoint import CheckpointInfo, has_weights, open_checkpoint, read_model_config
 from .config import PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
 from .methods.stats import PRODUCT_BLOCK_ELEMENTS
@@ -588,7 +588,7 @@ def plan_source(config: PruneConfig) -> CheckpointInfo | Path:
     """The checkpoint `config.model` names, checked as prune would check it when its weights are there (HF or
     DeepSpeed); else the path of its config.json alone (a plan for a model not yet downloaded)."""
     path = resolve_model(config.model)
-    if is_zero_checkpoint(path) or (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file():
+    if is_zero_checkpoint(path) or has_weights(path):
         return open_checkpoint(config)
     return path
 

@@ -4,7 +4,9 @@ The checks run before any worker starts or any weight is read, so bad input cost
 nothing behind.
 """
 
+import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from .assets import resolve_model
@@ -17,15 +19,17 @@ from .checkpoint import (
     open_checkpoint,
 )
 from .config import PruneConfig
-from .data import evaluation_windows, load_text, load_token_windows, tokenize
-from .errors import CalibrationError, ConfigError
-from .gradients import check_gradient_file_shapes, is_gradients_file, load_gradient_sums
-from .launch import launch, torchrun_world
-from .memory import check_fits, plan_for, resolve_runtime
+from .data import check_token_ids, evaluation_windows, load_text, load_token_windows, tokenize
+from .errors import ConfigError
+from .gradients import FP32_BYTES, check_gradient_file_shapes, gradient_shapes, is_gradients_file, load_gradient_sums
+from .job import run_settings, scratch_root
+from .launch import launch, torchrun_world, writes_output
+from .memory import MemoryPlan, check_fits, plan_for, resolve_runtime
 from .metrics import perplexity
 from .progress import Progress
 from .registry import method
-from .writer import check_gradients_output, check_output
+from .safe_io import check_room, check_writable, is_regular, locked_dir
+from .writer import check_gradients_output, check_output, check_partial, partial_dir
 
 
 def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
@@ -37,37 +41,68 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
     else:
         info = open_checkpoint(config)
         check_pattern_fits(info, config.nm)
-    check_output(Path(config.out), info.path, config.runtime.overwrite, config.runtime.resume)
-    if method(config.prune.method).gradients and config.prune.gradients:
-        _check_gradients_file(config, info)
-    if config.calibration.calib_tokens:
-        _check_calibration_tokens(config, info)
-    return launch("prune", _resolved(config, info), progress or Progress("quiet"))
+    out = Path(config.out)
+    check_output(out, info.path, config.runtime.overwrite)
+    with _output_lock(config):
+        check_partial(out, config.runtime.resume, run_settings(config, info), info.num_layers)
+        if method(config.prune.method).gradients and config.prune.gradients:
+            _check_gradients_file(config, info)
+        if config.calibration.calib_tokens:
+            _check_calibration_tokens(config, info)
+        config, plan = _resolved(config, info)
+        _check_disks(config, plan, out, plan.parameters * plan.checkpoint_bytes - _bytes_in(partial_dir(out)))
+        return launch("prune", config, progress or Progress("quiet"))
 
 
 def compute_gradients(config: PruneConfig, out: Path, progress: Progress | None = None) -> Path | None:
     """`dist-prune grad`: the GBLM gradient pass alone, saved for later `prune --gradients FILE` runs."""
     info = open_checkpoint(config)
     check_gradients_output(out, info.path, config.runtime.overwrite, is_gradients_file)
-    return launch("grad", _resolved(config, info), progress or Progress("quiet"))
+    config, plan = _resolved(config, info)
+    _check_disks(config, plan, out, FP32_BYTES * sum(math.prod(s) for s in gradient_shapes(info.config).values()))
+    return launch("grad", config, progress or Progress("quiet"))
 
 
-def _resolved(config: PruneConfig, info: CheckpointInfo) -> PruneConfig:
+def _resolved(config: PruneConfig, info: CheckpointInfo) -> tuple[PruneConfig, MemoryPlan]:
     """Residency and activation storage decided once, here, from the memory plan; the workers get the result."""
     config = resolve_runtime(torchrun_world(config), info)
-    check_fits(plan_for(config, info))
-    return config
+    plan = plan_for(config, info)
+    check_fits(plan)
+    return config, plan
+
+
+def _output_lock(config: PruneConfig):
+    """One run per output: the process that writes it holds a lock on its partial directory from the first
+    check to the publish, so a second run (or a second --resume) is refused before it starts any work."""
+    if not writes_output(config):
+        return nullcontext()
+    out = Path(config.out)
+    busy = (
+        f"another dist_prune run is writing {out} (it holds {partial_dir(out)}): let it finish, or pick another --out"
+    )
+    return locked_dir(partial_dir(out), busy)
+
+
+def _check_disks(config: PruneConfig, plan: MemoryPlan, out: Path, output_bytes: int) -> None:
+    """Room for the output and for the scratch files the plan counts (each worker of this host writes its
+    own), before any work starts; the scratch folder must be one this user can write."""
+    needs = {out.absolute().parent: max(output_bytes, 0)}
+    if plan.scratch:
+        root = scratch_root(config)
+        check_writable(root, "scratch folder")
+        needs[root] = needs.get(root, 0) + plan.scratch * plan.workers_per_host
+    check_room(needs)
+
+
+def _bytes_in(folder: Path) -> int:
+    """What an interrupted run already wrote (a resumed run writes only the rest)."""
+    return sum(entry.stat().st_size for entry in folder.iterdir() if is_regular(entry)) if folder.is_dir() else 0
 
 
 def _check_calibration_tokens(config: PruneConfig, info: CheckpointInfo) -> None:
     """Token ids the embedding has no row for would fail deep inside a worker: refuse them here."""
-    c, vocab = config.calibration, info.config["vocab_size"]
-    windows = load_token_windows(c.calib_tokens, c.nsamples, c.seqlen)
-    if int(windows.min()) < 0 or int(windows.max()) >= vocab:
-        raise CalibrationError(
-            f"{c.calib_tokens} holds token ids from {int(windows.min())} to {int(windows.max())}; "
-            f"this model's vocabulary has ids 0 to {vocab - 1}"
-        )
+    c = config.calibration
+    check_token_ids(load_token_windows(c.calib_tokens, c.nsamples, c.seqlen), info.config["vocab_size"], c.calib_tokens)
 
 
 def _check_gradients_file(config: PruneConfig, info: CheckpointInfo) -> None:
@@ -92,8 +127,8 @@ def evaluate_model(
     info = inspect_checkpoint(resolve_model(model), trust_remote_code)
     if seqlen < 2 or (windows is not None and windows < 1):
         raise ConfigError(f"eval needs --seqlen of at least 2 and --windows of at least 1, got {seqlen} and {windows}")
-    tokenizer = load_tokenizer(info.path)
-    batches = evaluation_windows(tokenize(tokenizer, load_text(text, "evaluation")), seqlen, windows)
+    tokens = tokenize(load_tokenizer(info.path), load_text(text, "evaluation"))
+    batches = evaluation_windows(check_token_ids(tokens, info.config["vocab_size"], text), seqlen, windows)
     start = time.perf_counter()
     progress = progress or Progress("quiet")
     with progress.phase("eval", total=batches.shape[0]) as advance:

@@ -22,6 +22,7 @@ from .checkpoint import CheckpointInfo
 from .config import PruneConfig
 from .inspection import TensorRef, read_crop, tensor_refs
 from .registry import method
+from .safe_io import replace_file, write_text
 
 REPORT_FILE = "report.md"
 DPI = 100
@@ -47,7 +48,7 @@ def write_report_markdown(out_dir: Path, report: dict) -> Path:
     out_dir = Path(out_dir)
     plots = draw_plots(out_dir, report)
     path = out_dir / REPORT_FILE
-    path.write_text(render_markdown(report, plots))
+    write_text(path, render_markdown(report, plots))
     return path
 
 
@@ -102,7 +103,7 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 def _save(figure: Figure, path: Path) -> Path:
     # No bbox_inches="tight": it would crop the canvas and make the pixel size depend on the content.
-    figure.savefig(path, dpi=DPI, format="png")
+    replace_file(path, lambda staged: figure.savefig(staged, dpi=DPI, format="png"))
     return path
 
 

@@ -9,6 +9,7 @@ checks (`check_output`, `check_gradients_output`) and the publish step refuse it
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +22,10 @@ from torch import Tensor
 
 from .background import Background
 from .checkpoint import INDEX_FILE
-from .errors import DistPruneError
+from .errors import DistPruneError, KeptForResume
 from .log import get_logger
 from .report import write_report_markdown
+from .safe_io import copy_file, is_regular, is_staged, read_json, replace_file, resolved, write_text
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,30 +49,148 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+def layer_file(index: int, num_layers: int) -> str:
+    return f"model-layer-{index:05d}-of-{num_layers:05d}.safetensors"
+
+
 def resumable_partial(out: Path) -> Path | None:
     """The partial directory of an interrupted run for `out` that finished at least one layer, if any."""
     try:
-        manifest = json.loads((partial_dir(out) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(partial_dir(out))
+    except DistPruneError:
         return None
-    return partial_dir(out) if manifest.get("layers") else None
+    return partial_dir(out) if manifest["layers"] else None
 
 
-def check_output(out: Path, source: Path, overwrite: bool, resume: bool = False) -> None:
+def read_manifest(directory: Path, num_layers: int | None = None) -> dict:
+    """The manifest of a (partial) output, checked entry by entry: a layer record names exactly its own file
+    in `directory` (with `num_layers`, the name this run writes), so nothing outside it is ever reused."""
+    manifest = read_json(directory / MANIFEST, "manifest", DistPruneError)
+    problem = _manifest_problem(manifest, num_layers)
+    if problem:
+        raise DistPruneError(f"{directory / MANIFEST} is not a manifest dist_prune wrote ({problem}); "
+                             f"move {directory} away to start afresh")  # fmt: skip
+    return manifest
+
+
+def _manifest_problem(manifest, num_layers: int | None) -> str | None:
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        return f"no kind {MANIFEST_KIND!r}"
+    if not isinstance(manifest.get("settings"), dict) or not isinstance(manifest.get("layers"), dict):
+        return "no settings or layers"
+    files = manifest.get("files", [])
+    if not isinstance(manifest.get("reads", {}), dict) or not isinstance(files, list) or not all(map(_is_str, files)):
+        return "reads or files of the wrong type"
+    for key, record in manifest["layers"].items():
+        problem = _layer_record_problem(key, record, num_layers)
+        if problem:
+            return f"layer {key[:20]!r}: {problem}"
+    return None
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+_LAYER_FILE = re.compile(r"model-layer-(\d{5})-of-(\d{5})\.safetensors")
+_RECORD_TYPES = {"file": str, "size": int, "digest": str, "tensors": list, "bytes": int, "entry": dict}
+
+
+def _layer_record_problem(key: str, record, num_layers: int | None) -> str | None:
+    if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in _RECORD_TYPES.items()):
+        return "a record without file, size, digest, tensors, bytes and entry"
+    match = _LAYER_FILE.fullmatch(record["file"])
+    if match is None or str(int(match.group(1))) != key:
+        return f"names the file {record['file'][:80]!r}, not its own layer file"
+    if num_layers is not None and record["file"] != layer_file(int(key), num_layers):
+        return f"names {record['file']!r}; this model's layer file is {layer_file(int(key), num_layers)!r}"
+    return None
+
+
+def check_output(out: Path, source: Path, overwrite: bool) -> None:
     """The driver's check that writing `out` cannot touch what the user owns: never the source model, a
-    directory holding it or one inside it; an existing `out` only with --overwrite, and only when it is a
-    previous dist_prune output; an interrupted run's partial output only with --resume."""
+    directory holding it or one inside it; an existing `out` only with --overwrite, only when it is a
+    previous dist_prune output, and only when it holds nothing but what that run wrote."""
     _check_apart(out, source, "output")
-    if not resume and partial_dir(out).exists():
-        raise DistPruneError(
-            f"{partial_dir(out)} holds an interrupted run for {out}: pass --resume to continue it, or remove it"
-        )
+    if out.is_symlink():
+        raise DistPruneError(f"output {out} is a symbolic link: name the folder itself")
     if out.exists() and not overwrite:
         raise DistPruneError(f"output {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not is_dist_prune_output(out):
         raise DistPruneError(
             f"--overwrite only replaces a previous dist_prune output, and {out} is not one (it has no {MANIFEST})"
         )
+    if out.exists():
+        _check_only_ours(out)
+
+
+def _check_only_ours(out: Path) -> None:
+    """A previous output may be replaced only whole: anything added to it since it was written is the user's."""
+    if "files" not in read_manifest(out):
+        raise DistPruneError(f"{out} was written by a dist_prune whose manifest does not list the files it wrote, so "
+                             f"--overwrite cannot tell them from yours: remove it yourself")  # fmt: skip
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DistPruneError(f"--overwrite would delete what dist_prune did not write in {out}: {shown}; move it away")
+
+
+def foreign_files(out: Path) -> list[str]:
+    """The entries of a published output its manifest does not list as written by its run (a link or a
+    folder always counts: a run writes regular files only)."""
+    listed = set(read_manifest(out).get("files", []))
+    return sorted(entry.name for entry in out.iterdir() if entry.name not in listed or not is_regular(entry))
+
+
+def check_partial(out: Path, resume: bool, settings: dict, num_layers: int) -> None:
+    """An interrupted run's partial output is continued only with --resume, only with the same settings and
+    source model, and only when it holds nothing but regular files that run wrote; nothing in it is touched
+    when it is refused."""
+    partial = partial_dir(out)
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise DistPruneError(f"{partial} is not a folder dist_prune made (a link or a file); move it away")
+    if not partial.exists() or not any(partial.iterdir()):
+        return
+    if not resume:
+        raise DistPruneError(
+            f"{partial} holds an interrupted run for {out}: pass --resume to continue it, or remove it"
+        )
+    has_manifest = (partial / MANIFEST).exists()
+    strangers = [entry.name for entry in partial.iterdir() if not _ours_in_partial(entry, has_manifest)]
+    if strangers:
+        raise DistPruneError(f"{partial} holds what dist_prune did not write there (or not as a regular file): "
+                             f"{', '.join(sorted(strangers)[:5])}; move it away, then --resume")  # fmt: skip
+    if has_manifest:
+        _check_same_run(partial, read_manifest(partial, num_layers)["settings"], settings)
+
+
+def _check_same_run(partial: Path, found: dict, settings: dict) -> None:
+    settings = json.loads(json.dumps(settings))  # as the manifest gives them back
+    changed = sorted(k for k in settings.keys() | found.keys() if settings.get(k) != found.get(k))
+    if "source" in changed:
+        raise DistPruneError(
+            f"the model at {settings.get('model')} is not the one the interrupted run in {partial} read (its "
+            f"config.json or weight files differ): --resume would mix two models; put that model back, or remove "
+            f"{partial} to start afresh"
+        )
+    if changed:
+        raise DistPruneError(f"--resume needs the interrupted run's settings; these differ: {', '.join(changed)}")
+
+
+# What a run writes into its partial output, by name: anything else there is not its own.
+RUN_FILES = ("model-rest.safetensors", INDEX_FILE, "config.json", "prune_report.json", "prune_config.yaml",
+             "calibration.safetensors", "report.md", MANIFEST)  # fmt: skip
+
+
+def _ours_in_partial(entry: Path, has_manifest: bool) -> bool:
+    """Before its manifest a run writes at most its first layer's file (killed before the manifest), so
+    without one anything else there is someone else's."""
+    name = entry.name
+    ours = is_staged(name) or _LAYER_FILE.fullmatch(name) is not None
+    if has_manifest:
+        plot = name.startswith("report-") and name.endswith(".png")
+        ours = ours or plot or name in RUN_FILES or name in TOKENIZER_FILES
+    return ours and is_regular(entry)
 
 
 def check_gradients_output(out: Path, source: Path, overwrite: bool, is_gradients_file) -> None:
@@ -84,7 +204,7 @@ def check_gradients_output(out: Path, source: Path, overwrite: bool, is_gradient
 
 
 def _check_apart(out: Path, source: Path, what: str) -> None:
-    out, source = out.resolve(), source.resolve()
+    out, source = resolved(out), resolved(source)
     if out == source or out in source.parents or source in out.parents:
         raise DistPruneError(f"the {what} {out} is, holds or lies inside the source model {source}")
 
@@ -110,26 +230,24 @@ def _chunk_sha256(path: Path, start: int) -> bytes:
 
 
 def _verifies(path: Path, record: dict) -> bool:
-    return path.is_file() and path.stat().st_size == record["size"] and file_digest(path) == record.get("digest")
+    """A regular file of its own (a link is never reused, even to the right bytes) with the recorded size and
+    digest."""
+    return is_regular(path) and path.stat().st_size == record["size"] and file_digest(path) == record["digest"]
 
 
 def verify_output(path: Path) -> list[str]:
     """Every file the manifest of a dist_prune output lists, checked against its size and digest: the
     names of those that do not verify."""
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
     return [record["file"] for record in manifest["layers"].values() if not _verifies(path / record["file"], record)]
 
 
 def is_dist_prune_output(path: Path) -> bool:
     try:
-        return json.loads((path / MANIFEST).read_text()).get("kind") == MANIFEST_KIND
-    except (OSError, ValueError, AttributeError):
+        read_manifest(path)
+    except DistPruneError:
         return False
-
-
-class KeptForResume(DistPruneError):
-    """A run that ended with its finished layers kept for --resume (other bad input removes them: its result
-    would be wrong)."""
+    return True
 
 
 class Interrupted(KeptForResume):
@@ -164,36 +282,27 @@ class CheckpointWriter:
         self.num_layers = num_layers
         self.overwrite = overwrite
         self.partial = partial_dir(out)
-        self.manifest = {"kind": MANIFEST_KIND, "complete": False, "settings": settings, "layers": {}}
+        # `reads`: the SHA-256 of each part of the source model as the run read it (provenance.py), so that a
+        # --resume notices another model at the same path before it writes anything of it.
+        self.manifest = {"kind": MANIFEST_KIND, "complete": False, "settings": settings, "layers": {}, "reads": {}}
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._behind = Background("write-behind")
         if resume:
-            self._reopen(settings)
-        elif self.partial.exists():
-            raise DistPruneError(
-                f"{self.partial} holds an interrupted run for {out}: pass --resume to continue it, or remove it"
-            )
+            self._reopen()
 
-    def _reopen(self, settings: dict) -> None:
-        """Resuming with nothing to resume starts afresh: the same command may be repeated. Before its manifest a
-        run writes at most its first layer's file (killed before the manifest), so anything else there without
-        a manifest is someone else's, and is not touched."""
-        if not (self.partial / MANIFEST).is_file():
-            ours = ("model-layer-", f"{MANIFEST}.tmp")
-            if self.partial.exists() and any(not f.name.startswith(ours) for f in self.partial.iterdir()):
-                raise DistPruneError(f"{self.partial} holds files dist_prune did not write; move them away first")
-            return
-        found = json.loads((self.partial / MANIFEST).read_text())
-        changed = sorted(
-            k for k in settings.keys() | found["settings"].keys() if settings.get(k) != found["settings"].get(k)
-        )
-        if changed:
-            raise DistPruneError(f"--resume needs the interrupted run's settings; these differ: {', '.join(changed)}")
-        self.manifest["layers"] = found["layers"]
+    def _reopen(self) -> None:
+        """Resuming with nothing to resume starts afresh: the same command may be repeated. The driver has
+        checked the partial directory (`check_partial`): same settings and model, only files of this run."""
+        if (self.partial / MANIFEST).is_file():
+            found = read_manifest(self.partial, self.num_layers)
+            self.manifest["layers"], self.manifest["reads"] = found["layers"], found.get("reads", {})
 
     def __enter__(self) -> "CheckpointWriter":
         self.partial.mkdir(parents=True, exist_ok=True)
+        for entry in self.partial.iterdir():  # a file a kill left half-written under its staging name
+            if is_staged(entry.name) and is_regular(entry):
+                entry.unlink()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -237,7 +346,7 @@ class CheckpointWriter:
         return self._behind.wait()
 
     def _write_layer(self, index: int, tensors: dict[str, Tensor], entry: dict) -> None:
-        filename = f"model-layer-{index:05d}-of-{self.num_layers:05d}.safetensors"
+        filename = layer_file(index, self.num_layers)
         start = time.perf_counter()
         size = self._write(filename, tensors)
         written = time.perf_counter()
@@ -255,9 +364,7 @@ class CheckpointWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        staged = self.partial / f"{MANIFEST}.tmp"
-        staged.write_text(json.dumps(self.manifest, indent=1) + "\n")
-        os.replace(staged, self.partial / MANIFEST)
+        write_text(self.partial / MANIFEST, json.dumps(self.manifest, indent=1) + "\n")
 
     def write_rest(self, tensors: dict[str, Tensor]) -> None:
         """Embeddings, final norm and (untied) lm_head."""
@@ -267,23 +374,24 @@ class CheckpointWriter:
     def _write(self, filename: str, tensors: dict[str, Tensor]) -> int:
         """Returns the bytes of tensor data written."""
         tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-        save_file(tensors, self.partial / filename, metadata={"format": "pt"})
+        replace_file(self.partial / filename, lambda staged: save_file(tensors, staged, metadata={"format": "pt"}))
         size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
         self.weight_map.update(dict.fromkeys(tensors, filename))
         self.total_size += size
         return size
 
     def write_json(self, filename: str, payload: dict) -> None:
-        (self.partial / filename).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        write_text(self.partial / filename, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
     def save_tensors(self, filename: str, tensors: dict[str, Tensor]) -> None:
         """Extra tensors that are not weights (calibration windows), outside the weight index."""
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, self.partial / filename)
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        replace_file(self.partial / filename, lambda staged: save_file(tensors, staged))
 
     def copy_from_source(self, source: Path) -> None:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
-                shutil.copy2(source / name, self.partial / name)
+                copy_file(source / name, self.partial / name)
 
     def finish(self, config: dict, dtype: torch.dtype) -> Path:
         """Index and config last, then one rename makes the directory visible."""
@@ -294,17 +402,20 @@ class CheckpointWriter:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         self.write_json(INDEX_FILE, index)
         self.manifest["complete"] = True
+        # What --overwrite may later delete: exactly the files this run wrote, the manifest included.
+        self.manifest["files"] = sorted({entry.name for entry in self.partial.iterdir()} | {MANIFEST})
         self._write_manifest()
         self._publish()
         return self.out
 
     def _publish(self) -> None:
-        if not self.out.exists():
+        if not os.path.lexists(self.out):
             self.partial.rename(self.out)
             return
-        # Something appeared at `out` while this run worked (another job, another user): it is not ours to
-        # remove unless --overwrite was given and it is a dist_prune output.
-        if not self.overwrite or not is_dist_prune_output(self.out):
+        # Something appeared at `out` while this run worked (another job, another user), or a previous output
+        # gained files of the user's: it is not ours to remove unless --overwrite was given and it is a
+        # dist_prune output holding only what its run wrote.
+        if self.out.is_symlink() or not self.overwrite or not is_dist_prune_output(self.out) or foreign_files(self.out):
             raise OutputTaken(
                 f"{self.out} appeared while this run was working and is left as it is; the result waits in "
                 f"{self.partial}: move {self.out} away, then --resume publishes it"
@@ -326,7 +437,7 @@ def finish_run(
     if windows is not None:
         writer.save_tensors("calibration.safetensors", {"input_ids": windows})
     writer.write_json("prune_report.json", report)
-    (writer.partial / "prune_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text(writer.partial / "prune_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     write_report_markdown(writer.partial, report)
     writer.copy_from_source(source)
     return writer.finish(model_config, dtype)

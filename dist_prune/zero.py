@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, shown
+from .safe_io import read_bounded
 
 LATEST = "latest"
 MODEL_STATES = "*_model_states.pt"
@@ -61,7 +62,7 @@ def find_tag_dir(path: Path, tag: str | None) -> Path:
             raise CheckpointError(f"DeepSpeed checkpoint {path} has no tag folder {tag!r} (--ds-tag)")
         return path / tag
     if (path / LATEST).is_file():
-        tag = (path / LATEST).read_text().strip()
+        tag = read_bounded(path / LATEST, 4096, "DeepSpeed tag file", CheckpointError).decode(errors="replace").strip()
         if not tag or not (path / tag).is_dir():
             raise CheckpointError(f"{path / LATEST} names tag {tag!r}, but {path / tag} is not there")
         return path / tag
@@ -101,7 +102,7 @@ def read_layout(tag_dir: Path) -> ZeroLayout:
             f"{tag_dir} has no {OPTIM_STATES} files: dist_prune reads the fp32 master weights, which DeepSpeed "
             f"saves with the optimizer state"
         )
-    with _opened(model_files[0]) as states:
+    with _opened(model_files[0]) as states, _structure(model_files[0]):
         shapes = _parameter_shapes(states, model_files[0])
         aliases = {alias: stored for alias, stored in (states.get("shared_params") or {}).items() if stored in shapes}
         shapes.update({alias: shapes[stored] for alias, stored in aliases.items()})
@@ -132,16 +133,23 @@ def _state_files(tag_dir: Path, pattern: str) -> list[Path]:
 def _parameter_shapes(states: dict, file: Path) -> dict[str, tuple[int, ...]]:
     if "param_shapes" not in states:
         raise CheckpointError(f"{file} is not a DeepSpeed model-states file (no param_shapes)")
-    shapes = {name: tuple(shape) for group in states["param_shapes"] for name, shape in group.items()}
-    shapes.update({name: tuple(shape) for name, shape in (states.get("frozen_param_shapes") or {}).items()})
+    shapes = {name: _shape(shape) for group in states["param_shapes"] for name, shape in group.items()}
+    shapes.update({name: _shape(shape) for name, shape in (states.get("frozen_param_shapes") or {}).items()})
     return shapes
+
+
+def _shape(shape) -> tuple[int, ...]:
+    dims = tuple(int(n) for n in shape)
+    if any(n < 0 for n in dims):
+        raise ValueError(f"negative size in shape {dims}")
+    return dims
 
 
 def _partitioning(optim_files: list[Path]) -> tuple[int, int]:
     """(ZeRO stage, ranks that wrote the partitions), the same in every file and matching their number."""
     seen = set()
     for file in optim_files:
-        with _opened(file) as states:
+        with _opened(file) as states, _structure(file):
             optimizer = states.get("optimizer_state_dict") or {}
             if "zero_stage" not in optimizer:
                 raise CheckpointError(f"{file} is not a ZeRO optimizer-states file (no zero_stage)")
@@ -227,7 +235,8 @@ def _stage12_parameters(layout: ZeroLayout) -> Iterator:
             name = layout.aliases.get(name, name)
             if name in frozen:  # ZeRO-1/2 keep frozen parameters whole in the model states
                 return frozen[name].float().clone()
-            pieces = [piece for states in partitions for piece in _fragments(states, name, optim_files[0])]
+            with _structure(optim_files[0]):
+                pieces = [piece for states in partitions for piece in _fragments(states, name, optim_files[0])]
             shape = layout.shapes[name]
             if sum(p.numel() for p in pieces) != torch.Size(shape).numel():
                 raise CheckpointError(f"{layout.tag_dir}: the partitions do not hold all of {name}")
@@ -266,6 +275,17 @@ def _opened(file: Path) -> Iterator[dict]:
         yield states
     finally:
         del states
+
+
+@contextlib.contextmanager
+def _structure(file: Path):
+    """The user trusted the pickle to run; its structure can still be anything: one line, not a traceback."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{file} does not have the structure of a DeepSpeed checkpoint ({type(err).__name__}: {shown(str(err))})"
+        ) from None
 
 
 @contextlib.contextmanager

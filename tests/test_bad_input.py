@@ -119,7 +119,12 @@ def test_gpt2_config(tiny_llama, text_file, tmp_path, capsys):
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (model / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    assert_refused(capsys, prune_args(model, out, text_file), out, "unsupported architecture")
+    assert_refused(
+        capsys,
+        prune_args(model, out, text_file),
+        out,
+        "unsupported model_type 'gpt2'; dist_prune reads gemma3_text, llama, mistral, qwen2, qwen3",
+    )
 
 
 def test_real_tiny_gpt2(tiny_llama, text_file, tmp_path, capsys):
@@ -128,7 +133,12 @@ def test_real_tiny_gpt2(tiny_llama, text_file, tmp_path, capsys):
     model = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(model)
     out = tmp_path / "out"
-    line = assert_refused(capsys, prune_args(model, out, text_file), out, "unsupported architecture")
+    line = assert_refused(
+        capsys,
+        prune_args(model, out, text_file),
+        out,
+        "unsupported model_type 'gpt2'; dist_prune reads gemma3_text, llama, mistral, qwen2, qwen3",
+    )
     assert "gpt2" in line
 
 

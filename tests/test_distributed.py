@@ -81,7 +81,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         Scratch,
         layerwise_gradient_pass,
     )
-    from dist_prune.distributed.process_group import init_workers, local_share, teardown
+    from dist_prune.distributed.process_group import init_workers, local_share, on_workers
     from dist_prune.distributed.residency import ResidentStore, StreamStore
     from dist_prune.distributed.sharded_model import (
         gather_layer_state,
@@ -91,9 +91,8 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
     )
     from dist_prune.models import EMBEDDING, Shell, family_of
 
-    workers = init_workers(rank, world, "127.0.0.1", port)
-    result: dict = {}
-    try:
+    def collect(workers) -> dict:
+        result: dict = {}
         tied = load_sharded_model(inspect_checkpoint(data["tied"]), workers)
         result["tied_state"] = {
             **gather_layer_state(tied, 0),
@@ -169,8 +168,9 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
             layer_stats["mlp"].update(2 * x[None])
         all_reduce_layer_statistics(layer_stats)
         result["layer_stats"] = {name: (s.sum_sq, s.count) for name, s in layer_stats.items()}
-    finally:
-        teardown()
+        return result
+
+    result = on_workers(lambda: init_workers(rank, world, "127.0.0.1", port), collect)
     torch.save(result, out / f"rank{rank}.pt")
 
 

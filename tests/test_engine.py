@@ -83,18 +83,18 @@ STORAGE = {"stream": "disk", "resident": "memory"}
 
 
 def _worker_main(rank: int, world: int, port: int, jobs: list) -> None:
-    from dist_prune.distributed import init_workers, teardown
+    from dist_prune.distributed import init_workers, on_workers
     from dist_prune.launch import run_job
     from dist_prune.progress import Progress
 
     os.environ.update(ENV)
     torch.set_num_threads(1)
-    workers = init_workers(rank, world, "127.0.0.1", port)
-    try:
+
+    def run_all(workers) -> None:
         for config in jobs:
             run_job("prune", config, workers, Progress("quiet"))
-    finally:
-        teardown()
+
+    on_workers(lambda: init_workers(rank, world, "127.0.0.1", port), run_all)
 
 
 def prune_on_workers(world: int, configs: list) -> None:

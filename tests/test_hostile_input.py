@@ -124,19 +124,22 @@ def test_malformed_checkpoint_is_refused_by_every_command(case, model, text_file
         refused(capsys, ["inspect", str(model)], tmp_path, phrase)
 
 
-def test_biases_are_evaluated_only_when_the_files_hold_them(model, text_file, tmp_path, capsys):
-    """A LLaMA with attention_bias: prune and grad refuse it (pruning biased LLaMAs is not supported), eval takes
-    it (FLAP writes such checkpoints); a config that claims biases its files lack is refused, where transformers
-    would fill them with random values."""
+def test_biases_are_read_only_when_the_files_hold_them(model, text_file, tmp_path, capsys):
+    """A LLaMA with attention_bias and mlp_bias (FLAP writes such checkpoints; Qwen2 always has q/k/v biases):
+    it prunes, the biases kept as they were; a config that claims biases its files lack is refused, where
+    transformers would fill them with random values."""
     from conftest import write_tiny_llama
+    from safetensors.torch import load_file
 
     biased = write_tiny_llama(tmp_path / "biased", attention_bias=True, mlp_bias=True)
-    refused(capsys, prune_args(biased, tmp_path / "out", text_file), tmp_path, "with biases is not supported")
-    grad = ["--quiet", "grad", "--model", str(biased), "--out", str(tmp_path / "g.safetensors"),
-            "--nsamples", "2", "--seqlen", "16", "--calib-source", str(text_file)]  # fmt: skip
-    refused(capsys, grad, tmp_path, "with biases is not supported")
+    out = tmp_path / "out"
+    assert main(prune_args(biased, out, text_file)) == 0
+    source, pruned = load_file(biased / "model.safetensors"), {}
+    for file in out.glob("model-layer-*.safetensors"):
+        pruned.update(load_file(file))
+    biases = [name for name in pruned if name.endswith(".bias")]
+    assert len(biases) == 2 * 7 and all(torch.equal(pruned[name], source[name]) for name in biases)
     evaluate = ["eval", "--text", str(text_file), "--seqlen", "32", "--windows", "1", "--json"]
-    assert main([*evaluate, "--model", str(biased)]) == 0
     capsys.readouterr()
     edit_config(model, attention_bias=True)
     refused(capsys, [*evaluate, "--model", str(model)], tmp_path, "has no tensor model.layers.0.self_attn.")

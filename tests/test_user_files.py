@@ -24,13 +24,15 @@ def model(tiny_llama, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_llama, tmp_path / "models" / "llama"))
 
 
-def refused(capsys, argv: list[str], root: Path, phrase: str) -> None:
+def refused(capsys, argv: list[str], root: Path, phrase: str) -> str:
+    """Exit 2, one line holding `phrase` (returned), and every file under `root` as it was."""
     before = snapshot(root)
     capsys.readouterr()
     code = main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and phrase in err[0], err
     assert snapshot(root) == before
+    return err[0]
 
 
 @pytest.mark.parametrize("where", ["the model", "its parent", "inside it"])

@@ -17,6 +17,7 @@ from .process_group import (
     init_from_env,
     init_workers,
     local_share,
+    on_workers,
     teardown,
 )
 from .sharded_model import (
@@ -49,6 +50,7 @@ __all__ = [
     "load_sharded_model",
     "local_rows",
     "local_share",
+    "on_workers",
     "select_lowest_global",
     "shard_model",
     "teardown",

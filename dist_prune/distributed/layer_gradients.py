@@ -19,7 +19,6 @@ Reading overlaps the compute: the next layer is read ahead (distributed/residenc
 disk are written behind and read ahead (ActivationStore).
 """
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +29,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..background import Background, Prefetcher, to_host
+from ..errors import DistPruneError, KeptForResume
 from ..log import get_logger
 from ..methods.scores import accumulate_sample_gradient
 from ..models import EMBEDDING, LINEARS, Shell, family_of, layer_output, linear_weight_name
 from ..progress import PhaseClock
+from ..safe_io import is_regular, replace_file
 from .collectives import all_reduce_in_order
 from .process_group import Workers, local_share
 
@@ -44,23 +45,29 @@ class Scratch:
     """A private directory for one worker's intermediate files, with a name stable for a run (output and
     worker). Removed when the run succeeds or fails on bad input; kept when it crashes or is stopped, so a
     --resume can reuse the files listed as `kept` (say GBLM's gradient rows); anything else in it is stale and
-    cleared when the next run starts."""
+    cleared when the next run starts. Only regular files are ever reused: a link found in it is removed (the
+    link, never what it points to), and a folder standing at its name or inside it is refused."""
 
     def __init__(self, root: Path, tag: str, resume: bool = False, kept: tuple[str, ...] = ()):
         self.dir = root / f".dist_prune-scratch-{tag}"
         self.kept = kept if resume else ()
 
     def __enter__(self) -> "Scratch":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for file in self.dir.glob("*"):
-            if not file.name.startswith(self.kept):
-                file.unlink()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DistPruneError(f"cannot make the scratch folder {self.dir}: {err.strerror or err}") from None
+        if self.dir.is_symlink() or not self.dir.is_dir():
+            raise DistPruneError(f"{self.dir} is a link or not a folder: dist_prune keeps its scratch files in a "
+                                 f"folder of its own; move it away")  # fmt: skip
+        for entry in self.dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                raise DistPruneError(f"the scratch folder {self.dir} holds a folder dist_prune did not make: {entry}")
+            if not (entry.name.startswith(self.kept) and is_regular(entry)):
+                entry.unlink()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from ..errors import DistPruneError
-        from ..writer import KeptForResume
-
         bad_input = exc_type is not None and issubclass(exc_type, DistPruneError)
         if exc_type is None or (bad_input and not issubclass(exc_type, KeptForResume)):
             self._clear()
@@ -72,12 +79,14 @@ class Scratch:
 
     def save(self, name: str, tensors: dict[str, Tensor]) -> None:
         """Written whole or not at all (a kill mid-write leaves no half file to be reused)."""
-        staged = self.dir / f"{name}.partial"
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, staged)
-        os.replace(staged, self.dir / f"{name}.safetensors")
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        replace_file(self.dir / f"{name}.safetensors", lambda staged: save_file(tensors, staged))
 
     def has(self, name: str) -> bool:
-        return (self.dir / f"{name}.safetensors").is_file()
+        return self.has_file(f"{name}.safetensors")
+
+    def has_file(self, filename: str) -> bool:
+        return is_regular(self.dir / filename)
 
     def load(self, name: str) -> dict[str, Tensor]:
         with safe_open(self.dir / f"{name}.safetensors", framework="pt") as f:

@@ -4,13 +4,17 @@ Every launcher (Ray actors, torchrun, the in-process worker) ends up in `init_wo
 `dist_prune.distributed` can assume a process group and a device mesh exist, even for a single worker.
 """
 
+import gc
 import os
 import signal
 import socket
+import sys
 import threading
-import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +23,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..log import get_logger
 
 log = get_logger()
+
+T = TypeVar("T")
 
 # Long enough for the slowest rank to finish a layer of calibration before the next collective.
 DEFAULT_TIMEOUT = timedelta(minutes=60)
@@ -93,24 +99,49 @@ def _start_heartbeat(address: str, port: int, rank: int, world_size: int, limit_
     _heartbeats.append(Heartbeat(address, port, rank, world_size, limit_s).start())
 
 
-# How long teardown lets gloo's worker threads finish releasing their last collectives (see teardown).
-GLOO_RELEASE_S = 0.2
+def on_workers(start: Callable[[], Workers], job: Callable[[Workers], T]) -> T:
+    """`job(workers)` on the process group `start()` makes, then `teardown`. The Workers exist only inside the
+    job's call, and a failure's traceback is stripped of its frames' variables (its text stays whole), so
+    that when teardown runs nothing holds the group any more."""
+    try:
+        return job(start())
+    except BaseException as failure:
+        traceback.clear_frames(failure.__traceback__)
+        raise
+    finally:
+        teardown()
 
 
 def teardown() -> None:
-    """Stop the heartbeat and leave the process group; safe to call when none was started.
+    """Stop the heartbeat, leave the process group, and wait until its worker threads have ended; safe to call
+    when none was started.
 
     A collective returns before gloo's worker thread has destroyed its work, whose tensors drop their Python
-    objects under the GIL; destroy_process_group does not join those threads. If the process finalises in
-    that window the thread cannot take the GIL and the process aborts (std::terminate, seen as a SIGABRT
-    after a finished job), so the main thread sleeps briefly, without the GIL, before it may exit."""
+    objects under the GIL, and destroy_process_group does not join those threads: the group's destructor does
+    (torch runs it without the GIL), once the group's last reference is gone. Left to the interpreter's exit,
+    that happens while Python finalises, a thread still releasing a work cannot take the GIL, and the process
+    aborts (std::terminate in ProcessGroupGloo::runLoop, seen as a SIGABRT after a finished job). So the last
+    references (the workers' device mesh: `on_workers` keeps none; DTensor's caches) go here, and the join is
+    done while the interpreter runs."""
     while _heartbeats:
         _heartbeats.pop().stop()
     if dist.is_initialized():
-        uses_gloo = dist.get_backend() == "gloo"
         dist.destroy_process_group()
-        if uses_gloo:
-            time.sleep(GLOO_RELEASE_S)
+        _forget_device_meshes()
+        gc.collect()
+
+
+def _forget_device_meshes() -> None:
+    """DTensor (FSDP2, structured pruning) caches sharding and redistribution plans keyed by the device mesh,
+    and a mesh holds its process group: cleared, or the group would outlive teardown."""
+    if "torch.distributed.tensor" not in sys.modules:  # never used: nothing cached
+        return
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
 
 
 def free_port() -> int:

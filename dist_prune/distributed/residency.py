@@ -34,6 +34,7 @@ class StreamStore:
         self.num_layers = info.num_layers
         self.family, self.config = info.family, info.config
         self.pin = device is not None and device.type == "cuda"
+        self.record = None  # worker 0 of a run that can be resumed: a provenance.ReadRecord checks what it reads
         self._layers = Prefetcher(self._read_layer, "read-ahead")
 
     def layer(self, index: int, then: int | None = None) -> dict[str, Tensor]:
@@ -45,6 +46,8 @@ class StreamStore:
 
     def _read_layer(self, index: int) -> dict[str, Tensor]:
         tensors = self.reader.read(self.layer_tensor_names(index))
+        if self.record is not None:  # hashed here, in the read-ahead thread
+            self.record.check(f"layer {index}", tensors)
         # Memory-mapped tensors would be read from disk only when first used: read them here, in this thread.
         return page_locked(tensors) if self.pin else {name: t.clone() for name, t in tensors.items()}
 
@@ -64,7 +67,11 @@ class StreamStore:
         return self.read(list(self.family.rest_shapes(self.config)))
 
     def read(self, names: list[str]) -> dict[str, Tensor]:
-        return self.reader.read(names)
+        tensors = self.reader.read(names)
+        for name, tensor in tensors.items():
+            if self.record is not None:
+                self.record.check(name, {name: tensor})
+        return tensors
 
     def commit(self, index: int, state: dict[str, Tensor]) -> None:
         """Nothing to keep: the pruned layer is in the output file."""
@@ -94,7 +101,10 @@ class ResidentStore(StreamStore):
     def layer(self, index: int, then: int | None = None) -> dict[str, Tensor]:
         """The full layer, assembled from every worker's rows (a collective, in a fixed order; nothing to read
         ahead)."""
-        return {name: gather_rows(block, self.rows[name]) for name, block in sorted(self.blocks[index].items())}
+        state = {name: gather_rows(block, self.rows[name]) for name, block in sorted(self.blocks[index].items())}
+        if self.record is not None:
+            self.record.check(f"layer {index}", state)
+        return state
 
     @property
     def read_seconds(self) -> float:

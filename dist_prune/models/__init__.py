@@ -5,7 +5,7 @@ the stem and head through a `Shell`); nothing else in dist_prune knows a family'
 module and one line below (docs/extending.md).
 """
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, shown
 from .family import (
     ATTENTION_LINEARS,
     EMBEDDING,
@@ -39,8 +39,10 @@ FAMILIES = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2, QWEN
 def family_of(config) -> Family:
     """The family of a config.json (dict or transformers config); one clear line for any other."""
     model_type = setting(config, "model_type")
-    if model_type not in FAMILIES:
-        raise CheckpointError(f"unsupported model_type {model_type!r}; dist_prune reads {', '.join(sorted(FAMILIES))}")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise CheckpointError(
+            f"unsupported model_type {shown(model_type)}; dist_prune reads {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[model_type]
 
 

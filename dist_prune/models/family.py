@@ -9,7 +9,7 @@ stem and head run in a `Shell`, the family's own model with recorders in place o
 """
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,10 +130,14 @@ class Family:
 
     def expected_shapes(self, config: Config) -> dict[str, tuple[int, ...]]:
         """Every tensor the checkpoint must hold, with its shape."""
-        shapes = self.rest_shapes(config)
+        return dict(self.iter_expected_shapes(config))
+
+    def iter_expected_shapes(self, config: Config) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """The same, one at a time, outside the layers first: a check can stop at the first one missing before
+        a config.json claiming a billion layers has them all listed."""
+        yield from self.rest_shapes(config).items()
         for index in range(setting(config, "num_hidden_layers")):
-            shapes.update(self.layer_shapes(config, index))
-        return shapes
+            yield from self.layer_shapes(config, index).items()
 
     def head_tensor_names(self, config: Config) -> list[str]:
         """What the head needs: the final norm and lm_head (the embedding, when tied)."""

@@ -77,7 +77,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
     info = open_checkpoint(config)
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
-    windows, eval_windows, recovery = token_windows(config, info.model_files, progress)
+    windows, eval_windows, recovery = token_windows(config, info, progress)
     writer = None
     if workers.is_main:
         writer = CheckpointWriter(Path(config.out), info.num_layers, {}, config.runtime.overwrite, resumable=False)

@@ -8,7 +8,6 @@ it), so the checkpoint carries modeling_pruned_llama.py and an `auto_map` to it:
 stock Llama and refuses the checkpoint for its mismatched shapes; it never loads it wrongly.
 """
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..distributed import Workers, copy_local_rows, gather_state, local_rows, shard_model
 from ..models import LAYERS_PREFIX, decoder_layers
+from ..safe_io import copy_file
 from .groups import (
     ATTENTION,
     COLUMN_MODULES,
@@ -155,4 +155,4 @@ def is_stock_loadable(sizes: list[dict[str, int]], hidden_size: int) -> bool:
 
 def copy_modeling_file(config: dict, directory: Path) -> None:
     if "auto_map" in config:
-        shutil.copy2(BUNDLED_MODELING_FILE, directory / BUNDLED_MODELING_FILE.name)
+        copy_file(BUNDLED_MODELING_FILE, directory / BUNDLED_MODELING_FILE.name)
