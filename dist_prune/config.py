@@ -19,15 +19,15 @@ from typing import Any, get_type_hints
 import yaml
 
 from .errors import ConfigError, shown
-from .registry import FORWARD_ONLY, METHODS, method
+from .registry import METHODS, method
+from .structured.allocation import ALLOCATIONS
+from .structured.importance import IMPORTANCES
 
 LAUNCHERS = ("local", "ray", "torchrun")
 RESIDENCIES = ("auto", "resident", "stream")
 ACTIVATION_STORAGES = ("auto", "memory", "disk")
 GRADIENT_DTYPES = ("fp32", "fp16")
 OUT_DTYPES = ("bf16", "fp16", "fp32")
-IMPORTANCES = ("fused", "element", "vector", "activation", "fluctuation")  # structured/importance.py
-ALLOCATIONS = ("global", "adaptive", "uniform")  # structured/allocation.py
 _UNITS = {
     "": 1,
     "b": 1,
@@ -116,6 +116,9 @@ class CalibrationConfig:
     """Seed for choosing the calibration windows."""
     batch_size: int = 8
     """Sequences per forward call in the layer loop (speed only: statistics are exact sums)."""
+
+
+EVAL_BATCH = 2  # evaluation windows per forward (speed and memory only; the memory plan counts it)
 
 
 @dataclass(frozen=True)
@@ -340,9 +343,8 @@ def validate(config: PruneConfig) -> None:
             raise ConfigError("--resume is not available for structured pruning: it writes every layer at the end")
     elif p.pattern is None and not 0.0 < p.sparsity < 1.0:
         raise ConfigError(f"sparsity must be strictly between 0 and 1, got {p.sparsity}")
-    nm = parse_pattern(p.pattern)
-    if p.method == "sparsegpt" and nm is not None and p.sparsegpt_blocksize % nm[1]:
-        raise ConfigError(f"sparsegpt_blocksize {p.sparsegpt_blocksize} must be a multiple of M={nm[1]} for N:M")
+    parse_pattern(p.pattern)
+    _method_check(config)
     if p.magnitude_scope not in ("matrix", "row"):
         raise ConfigError(f"magnitude_scope must be 'matrix' or 'row', got {shown(p.magnitude_scope)}")
     if p.gblm_norm not in ("l1", "l2"):
@@ -378,16 +380,26 @@ def validate(config: PruneConfig) -> None:
         parse_bytes(r.device_memory)
 
 
+def _method_check(config: PruneConfig) -> None:
+    """The method's own settings (a `Method.check`: SparseGPT's blocks hold whole N:M groups)."""
+    check = method(config.prune.method).check
+    if check is not None:
+        try:
+            check(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 def _validate_structured(name: str, s: StructuredConfig, pattern: str | None) -> None:
     if pattern is not None:
         raise ConfigError(f"{name} removes whole heads and channels; it takes --ratio, not --pattern")
     if not 0.0 < s.ratio < 1.0:
         raise ConfigError(f"ratio must be strictly between 0 and 1, got {s.ratio}")
-    _one_of("importance", s.importance, IMPORTANCES)
-    _one_of("allocation", s.allocation, ALLOCATIONS)
-    if s.allocation == "adaptive" and s.importance in FORWARD_ONLY:
+    _one_of("importance", s.importance, tuple(IMPORTANCES))
+    _one_of("allocation", s.allocation, tuple(ALLOCATIONS))
+    if ALLOCATIONS[s.allocation].needs_stability and IMPORTANCES[s.importance].forward_only:
         raise ConfigError(
-            f"allocation 'adaptive' does not go with importance {s.importance!r}: it needs the stability of a "
+            f"allocation {s.allocation!r} does not go with importance {s.importance!r}: it needs the stability of a "
             "gradient measure across calibration batches ('global' and 'uniform' go with every importance)"
         )
     if s.ratio_spread is not None:

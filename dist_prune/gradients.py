@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .distributed.process_group import local_share
+from .distributed.shares import local_share
 from .errors import ConfigError
 from .models import LINEARS, linear_shapes, linear_weight_name
 from .safe_io import disk_errors, new_staged

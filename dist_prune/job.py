@@ -21,45 +21,38 @@ saved file, and each worker keeps only its rows of them, in the scratch director
 import hashlib
 import json
 import math
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .background import Background, Prefetcher, page_locked, to_host, to_host_dict
-from .checkpoint import CheckpointInfo, load_tokenizer, open_checkpoint
-from .config import PruneConfig
+from .checkpoint import CheckpointInfo, load_tokenizer
+from .config import EVAL_BATCH, PruneConfig
 from .data import (
-    calibration_stream,
     calibration_windows,
-    check_token_ids,
-    evaluation_windows,
-    load_text,
-    recovery_token_windows,
-    tokenize,
 )
 from .distributed import ShardSelector, StopRequest, Workers, all_reduce_layer_statistics, batch_share, local_share
-from .distributed.collectives import any_worker, broadcast_from_first, gather_rows, sum_across_workers
+from .distributed.collectives import any_worker, broadcast_from_first, gather_rows, sum_across_workers, worker_memory
 from .distributed.layer_gradients import ActivationStore, GradientRequest, LayerSums, Scratch, layerwise_gradient_pass
 from .distributed.residency import ResidentStore, StreamStore
 from .errors import CheckpointError, DistPruneError
 from .gradients import GradientSumsWriter, gradient_shapes, read_layer_gradient_rows
 from .layerwise import LayerInputs, collect_input_statistics, embed_batches, run_layer
 from .log import get_logger
-from .memory import EVAL_BATCH, plan_for
-from .methods import GroupMember, prune_group
+from .methods import GroupMember
 from .models import EMBEDDING, INPUT_GROUPS, LINEARS, Shell, layer_prefix, linear_weight_name
 from .precision import compute_dtype
 from .progress import PhaseClock, Progress, rounded
 from .provenance import ReadRecord
 from .registry import method
 from .report import build_report, phase_report
+from .resolved import Resolved
 from .safe_io import read_json, resolved, write_text
+from .windows import calibration_stream_checked, token_windows
 from .writer import CheckpointWriter, Interrupted, finish_run
 
 log = get_logger()
@@ -69,16 +62,16 @@ GRADIENT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 class Run:
     """What every step of one worker's job needs: the config, the checkpoint, the weights, the workers."""
 
-    def __init__(self, config: PruneConfig, workers: Workers, progress: Progress, scratch: Scratch | None):
+    def __init__(self, resolved: Resolved, workers: Workers, progress: Progress, scratch: Scratch | None):
+        config = resolved.config
         r = config.runtime
         if r.residency == "auto" or r.activation_storage == "auto":
-            raise ValueError("the driver resolves residency and activation storage (memory.resolve_runtime)")
-        self.config, self.workers, self.progress, self.scratch = config, workers, progress, scratch
-        self.info = open_checkpoint(config)
-        self.family = self.info.family
+            raise ValueError("the driver resolves residency and activation storage (pipeline.resolve)")
+        self.resolved, self.config, self.info = resolved, config, resolved.info
+        self.workers, self.progress, self.scratch = workers, progress, scratch
+        self.family, self.method, self.nm = resolved.family, resolved.method, resolved.nm
         self.model_config = self.info.transformers_config()
         self.dtype = compute_dtype(workers.device, self.info.weight_dtype)
-        self.method = method(config.prune.method)
         self.clock = PhaseClock(workers.device)  # the layer loop's phases
         self.gradient_clock = PhaseClock(workers.device)  # the gradient pass's
         with progress.phase("load"):
@@ -99,13 +92,13 @@ class Run:
         self.store.close()
 
 
-def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -> dict | None:
+def prune_on_worker(resolved: Resolved, workers: Workers, progress: Progress) -> dict | None:
     """The whole prune job on this worker; worker 0 writes the output and returns the report."""
-    started = time.perf_counter()
+    started, config = time.perf_counter(), resolved.config
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
         stop = stack.enter_context(StopRequest())
-        run = Run(config, workers, progress, scratch)
+        run = Run(resolved, workers, progress, scratch)
         stack.callback(run.close)
         windows, eval_windows, _ = token_windows(config, run.info, progress)
         writer = stack.enter_context(_writer(config, run.info)) if workers.is_main else None
@@ -129,7 +122,7 @@ def prune_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -
         progress.timings["total"] = round(time.perf_counter() - started, 3)
         layers = finished + layers
         report = build_report(config, run.info, layers, perplexities, eval_windows, windows, progress.timings, workers)
-        report.update(workers=memory, memory_plan=plan_for(config, run.info).to_dict(), resumed_layers=done)
+        report.update(workers=memory, memory_plan=resolved.plan.to_dict(), resumed_layers=done)
         report.update(phase_report(layers[done:], run.gradient_clock.totals))
         finish_run(writer, config, report, windows, run.info.model_files, run.info.config, run.info.weight_dtype)
     log.info("wrote %s", config.out)
@@ -325,7 +318,7 @@ def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[st
             )  # fmt: skip
         # A group's statistics go once it is pruned: SparseGPT's X X^T of q/k/v, o and gate/up (315 MB at 13B)
         # are not held while down_proj's Hessian is inverted.
-        outcomes = prune_group(members, p, stats.pop(owner, None))
+        outcomes = run.method.prune(members, p, stats.pop(owner, None), run.nm)
         for name, outcome in outcomes.items():
             rows = layer.get_submodule(name).weight.shape[0]
             # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
@@ -483,15 +476,16 @@ def _gradient_pass(run: Run, windows: Tensor, on_layer, layers: frozenset[int] |
     log.info("gradient pass: mean calibration loss %.4f", loss)
 
 
-def gradients_on_worker(config: PruneConfig, out: Path, workers: Workers, progress: Progress) -> Path | None:
+def gradients_on_worker(resolved: Resolved, out: Path, workers: Workers, progress: Progress) -> Path | None:
     """`dist-prune grad`: the layer-wise gradient pass alone; worker 0 writes each layer's summed sums into
     the output file as the pass finishes it, holding one layer at a time."""
+    config = resolved.config
     p, c = config.prune, config.calibration
     with ExitStack() as stack:
         scratch = stack.enter_context(_scratch(config, workers)) if _needs_scratch(config) else None
-        run = Run(config, workers, progress, scratch)
+        run = Run(resolved, workers, progress, scratch)
         stack.callback(run.close)
-        stream = _calibration_stream(config, load_tokenizer(run.info.model_files), run.info)
+        stream = calibration_stream_checked(config, load_tokenizer(run.info.model_files), run.info)
         windows = calibration_windows(config, stream)
         writer = None
         if workers.is_main:
@@ -521,29 +515,6 @@ def _scratch(config: PruneConfig, workers: Workers) -> Scratch:
     return Scratch(scratch_root(config), tag, resume=config.runtime.resume, kept=("gradients-",))
 
 
-def worker_memory(weight_bytes: int, w: Workers, progress: Progress) -> list[dict]:
-    """Every worker's peak memory, its host peak after each phase so far, and the bytes of its resident
-    weights, as seen by worker 0 (a collective)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if w.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(w.device)
-    phases = list(progress.host_peaks)  # every worker runs the same phases in the same order
-    mine = [float(peak), float(weight_bytes), *(float(progress.host_peaks[phase]) for phase in phases)]
-    width = len(mine)
-    values = [0.0] * (width * w.world_size)
-    values[width * w.rank : width * (w.rank + 1)] = mine
-    summed = sum_across_workers(values, w.device)
-    return [
-        {
-            "rank": rank,
-            "peak_bytes": int(summed[width * rank]),
-            "weight_bytes": int(summed[width * rank + 1]),
-            "host_peak_after_phase": {phase: int(summed[width * rank + 2 + i]) for i, phase in enumerate(phases)},
-        }
-        for rank in range(w.world_size)
-    ]
-
-
 def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict]) -> dict:
     modules = {}
     for name, extra in notes.items():
@@ -553,36 +524,3 @@ def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict]) -
     zeros = sum(m["zeros"] for m in modules.values())
     numel = sum(m["numel"] for m in modules.values())
     return {"layer": index, "sparsity": zeros / numel, "modules": modules}
-
-
-class TokenWindows(NamedTuple):
-    calibration: Tensor | None  # when the method calibrates
-    evaluation: Tensor | None  # when evaluation was asked for
-    recovery: Tensor | None  # structured recovery's fresh windows of the calibration split
-
-
-def token_windows(config: PruneConfig, info: CheckpointInfo, progress: Progress) -> TokenWindows:
-    """The windows of every phase, from one tokenization of each split, in the model's vocabulary."""
-    m, e = method(config.prune.method), config.evaluation
-    with progress.phase("tokenize"):
-        tokenizer = load_tokenizer(info.model_files)
-        calibration = recovery = evaluation = None
-        if m.statistics or m.gradients or m.structured:
-            stream = _calibration_stream(config, tokenizer, info)
-            calibration = calibration_windows(config, stream)
-            if m.structured and config.structured.recover_steps:
-                recovery = recovery_token_windows(config, stream, calibration)
-        if e.eval_after:
-            tokens = tokenize(tokenizer, load_text(e.eval_text, "evaluation"))
-            evaluation = evaluation_windows(check_token_ids(tokens, info.config["vocab_size"], e.eval_text),
-                                            e.eval_seqlen, e.eval_windows)  # fmt: skip
-        return TokenWindows(calibration, evaluation, recovery)
-
-
-def _calibration_stream(config: PruneConfig, tokenizer, info: CheckpointInfo) -> Tensor | None:
-    """The calibration text's tokens, refused when the model has no row for one (the driver checked a token
-    file)."""
-    stream = calibration_stream(config, tokenizer)
-    if stream is not None:
-        check_token_ids(stream, info.config["vocab_size"], config.calibration.calib_source)
-    return stream

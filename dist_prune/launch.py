@@ -16,7 +16,7 @@ from .config import PruneConfig
 from .errors import ConfigError, DistPruneError
 from .log import get_logger, setup_logging
 from .progress import Progress
-from .registry import method
+from .resolved import Resolved
 
 log = get_logger()
 
@@ -29,54 +29,54 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def launch(job: str, config: PruneConfig, progress: Progress):
-    r = config.runtime
+def launch(job: str, run: Resolved, progress: Progress):
+    r = run.config.runtime
     if r.launcher == "local":
         if r.workers != 1:
             raise ConfigError("the local launcher runs one in-process worker; use --launcher ray or torchrun")
-        return _in_process(job, config, progress)
+        return _in_process(job, run, progress)
     if r.launcher == "torchrun":
-        return _torchrun_rank(job, config, progress)
-    return _ray(job, config, progress)
+        return _torchrun_rank(job, run, progress)
+    return _ray(job, run, progress)
 
 
-def run_job(job: str, config: PruneConfig, workers, progress: Progress):
+def run_job(job: str, run: Resolved, workers, progress: Progress):
     from .job import gradients_on_worker, prune_on_worker
 
     threads = torch.get_num_threads()
-    if config.runtime.threads:
-        torch.set_num_threads(config.runtime.threads)
+    if run.config.runtime.threads:
+        torch.set_num_threads(run.config.runtime.threads)
     try:
         if job == "grad":
-            return gradients_on_worker(config, Path(config.out), workers, progress)
-        if method(config.prune.method).structured:
+            return gradients_on_worker(run, Path(run.config.out), workers, progress)
+        if run.method.structured:
             from .structured.pipeline import prune_structured_on_worker
 
-            return prune_structured_on_worker(config, workers, progress)
-        return prune_on_worker(config, workers, progress)
+            return prune_structured_on_worker(run, workers, progress)
+        return prune_on_worker(run, workers, progress)
     finally:
         torch.set_num_threads(threads)  # an in-process job must not change its caller's thread count
 
 
-def _in_process(job: str, config: PruneConfig, progress: Progress):
+def _in_process(job: str, run: Resolved, progress: Progress):
     from .distributed import init_workers, on_workers
 
-    device = pick_device(config.runtime.device)
-    return on_workers(lambda: init_workers(0, 1, device=device), lambda w: run_job(job, config, w, progress))
+    device = pick_device(run.config.runtime.device)
+    return on_workers(lambda: init_workers(0, 1, device=device), lambda w: run_job(job, run, w, progress))
 
 
-def _torchrun_rank(job: str, config: PruneConfig, progress: Progress):
+def _torchrun_rank(job: str, run: Resolved, progress: Progress):
     """This process is one rank; torchrun set RANK, WORLD_SIZE, MASTER_ADDR, ... and kills the others on failure."""
     from .distributed import init_from_env, on_workers
 
     if "RANK" not in os.environ:
         raise ConfigError("--launcher torchrun must run under torchrun (RANK/WORLD_SIZE are not set)")
-    device, heartbeat_s = pick_device(config.runtime.device), config.runtime.heartbeat_timeout
+    device, heartbeat_s = pick_device(run.config.runtime.device), run.config.runtime.heartbeat_timeout
 
     def rank_job(workers) -> dict | Path | None:
         shown = progress if workers.is_main else Progress("quiet")  # one view of the job: worker 0's
         setup_logging(quiet=shown.mode == "quiet", rank=workers.rank, world_size=workers.world_size)
-        return run_job(job, _as_rank0_decided(config), workers, shown)
+        return run_job(job, _as_rank0_decided(run), workers, shown)
 
     return on_workers(lambda: init_from_env(device, heartbeat_s=heartbeat_s), rank_job)
 
@@ -94,38 +94,38 @@ def torchrun_world(config: PruneConfig) -> PruneConfig:
     return replace(config, runtime=replace(config.runtime, workers=int(os.environ["WORLD_SIZE"])))
 
 
-def _as_rank0_decided(config: PruneConfig) -> PruneConfig:
+def _as_rank0_decided(run: Resolved) -> Resolved:
     """Every torchrun rank runs the driver and resolves "auto" from its own free memory; ranks that chose
-    differently would deadlock in mismatched collectives, so all take rank 0's choices."""
+    differently would deadlock in mismatched collectives, so all take rank 0's choices (and its plan)."""
     import torch.distributed as dist
 
-    chosen = [config]
+    chosen = [run]
     dist.broadcast_object_list(chosen, src=0)
-    r = chosen[0].runtime
-    return replace(
-        config, runtime=replace(config.runtime, residency=r.residency, activation_storage=r.activation_storage)
-    )
+    r = chosen[0].config.runtime
+    runtime = replace(run.config.runtime, residency=r.residency, activation_storage=r.activation_storage)
+    return replace(run, config=replace(run.config, runtime=runtime), plan=chosen[0].plan)
 
 
-def _ray(job: str, config: PruneConfig, progress: Progress):
+def _ray(job: str, run: Resolved, progress: Progress):
     """One actor per worker; the driver relays worker 0's progress and stops every actor on any error. A worker
     that dies (killed, out of memory, or ended by the others' heartbeat watchdog) restarts the job up to
     --max-restarts times, resuming from the last verified layer."""
-    for restart in range(config.runtime.max_restarts + 1):
+    for restart in range(run.config.runtime.max_restarts + 1):
         try:
-            return _ray_attempt(job, config, progress)
+            return _ray_attempt(job, run, progress)
         except WorkerDied as died:
-            if restart == config.runtime.max_restarts or job != "prune":
+            if restart == run.config.runtime.max_restarts or job != "prune":
                 raise
             log.warning("%s; restarting the workers and resuming (%d of %d)", died, restart + 1,
-                        config.runtime.max_restarts)  # fmt: skip
-            config = replace(config, runtime=replace(config.runtime, resume=True))
+                        run.config.runtime.max_restarts)  # fmt: skip
+            run = run.resumed()
 
 
-def _ray_attempt(job: str, config: PruneConfig, progress: Progress):
+def _ray_attempt(job: str, run: Resolved, progress: Progress):
     import ray
     from ray.util.queue import Queue
 
+    config = run.config
     _ray_init(config)
     use_gpu = _ray_uses_gpu(config.runtime.device)
     actor_class = ray.remote(num_cpus=config.runtime.threads or 1, num_gpus=1 if use_gpu else 0)(WorkerActor)
@@ -135,7 +135,7 @@ def _ray_attempt(job: str, config: PruneConfig, progress: Progress):
         events = Queue()
         device = "cuda:0" if use_gpu else "cpu"  # Ray shows each actor only its own GPU
         futures = [
-            actor.run.remote(job, config, rank, address, port, device, events if rank == 0 else None)
+            actor.run.remote(job, run, rank, address, port, device, events if rank == 0 else None)
             for rank, actor in enumerate(actors)
         ]
         return _wait_for_workers(futures, events, progress)
@@ -154,15 +154,15 @@ class WorkerActor:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def run(self, job: str, config: PruneConfig, rank: int, address: str, port: int, device: str, events):
+    def run(self, job: str, run: Resolved, rank: int, address: str, port: int, device: str, events):
         from .distributed import init_workers, on_workers
 
-        world_size, heartbeat_s = config.runtime.workers, config.runtime.heartbeat_timeout
+        world_size, heartbeat_s = run.config.runtime.workers, run.config.runtime.heartbeat_timeout
         setup_logging(quiet=True, rank=rank, world_size=world_size)
         progress = Progress("quiet", sink=events.put if events is not None else None)
         return on_workers(
             lambda: init_workers(rank, world_size, address, port, device, heartbeat_s=heartbeat_s),
-            lambda workers: run_job(job, config, workers, progress),
+            lambda workers: run_job(job, run, workers, progress),
         )
 
 

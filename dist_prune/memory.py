@@ -18,12 +18,13 @@ from pathlib import Path
 
 from .assets import resolve_model
 from .checkpoint import CheckpointInfo, has_weights, open_checkpoint, read_model_config
-from .config import PruneConfig, parse_bytes
+from .config import EVAL_BATCH, PruneConfig, parse_bytes
 from .errors import CheckpointError, ConfigError
 from .methods.stats import PRODUCT_BLOCK_ELEMENTS
 from .models import family_of, head_dim
 from .precision import compute_bytes
-from .registry import FORWARD_ONLY, Method, method
+from .registry import Method, method
+from .structured.importance import IMPORTANCES
 from .zero import is_zero_checkpoint
 
 FP32, FP64, BOOL = 4, 8, 1
@@ -36,7 +37,6 @@ HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 # Reading one parameter of a DeepSpeed ZeRO checkpoint holds, beyond its copy in the output dtype, the pages of
 # its fp32 master weights (memory-mapped, counted in RSS while mapped) and the fp32 copy gathered from them.
 ZERO_READ_EXTRA = 2 * FP32
-EVAL_BATCH = 2  # evaluation windows per forward (job.py)
 # How many evaluation windows to plan for when eval_windows is None: the count depends on the text, which
 # the plan does not read (set eval_windows for an exact plan).
 DEFAULT_EVAL_WINDOWS = 64
@@ -473,7 +473,7 @@ def _fsdp_plan(
     # until the file is closed.
     phases = {"load": min(largest_file or HF_SHARD_BYTES, source_bytes) // w}
     # the phase names of structured/pipeline.py
-    calibration = "statistics" if config.structured.importance in FORWARD_ONLY else "gradient_pass"
+    calibration = "statistics" if IMPORTANCES[config.structured.importance].forward_only else "gradient_pass"
     phases[calibration] = _structured_calibration_pass(config, model_config)
     phases.update(_structured_phases(shape, w, config))
     if config.evaluation.eval_after:
@@ -516,7 +516,7 @@ def _structured_calibration_pass(config: PruneConfig, model_config: dict) -> int
     hidden states twice (a layer's inputs and outputs)."""
     run = _run(config, model_config)
     c, s = config.calibration, config.structured
-    if s.importance in FORWARD_ONLY:
+    if IMPORTANCES[s.importance].forward_only:
         sequences = math.ceil(c.nsamples / run.workers)
         return run.shape.layer_params * FP32 + 2 * sequences * c.seqlen * run.shape.hidden * FP32
     batch_sequences = math.ceil(math.ceil(c.nsamples / min(s.stability_batches, c.nsamples)) / run.workers)

@@ -28,19 +28,14 @@ from .memory import MemoryPlan, check_fits, plan_for, resolve_runtime
 from .metrics import perplexity
 from .progress import Progress
 from .registry import method
+from .resolved import Resolved
 from .safe_io import check_room, check_writable, is_regular, locked_dir
 from .writer import check_gradients_output, check_output, check_partial, partial_dir
 
 
 def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
     """Prune with the configured launcher; returns the report (None on torchrun ranks other than 0)."""
-    if method(config.prune.method).structured:
-        from .structured.pipeline import check_structured  # imported when used: it loads transformers
-
-        info = check_structured(config)
-    else:
-        info = open_checkpoint(config)
-        check_pattern_fits(info, config.nm)
+    info = checked_source(config)
     out = Path(config.out)
     check_output(out, info.path, config.runtime.overwrite)
     with _output_lock(config):
@@ -49,26 +44,40 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
             _check_gradients_file(config, info)
         if config.calibration.calib_tokens:
             _check_calibration_tokens(config, info)
-        config, plan = _resolved(config, info)
-        _check_disks(config, plan, out, plan.parameters * plan.checkpoint_bytes - _bytes_in(partial_dir(out)))
-        return launch("prune", config, progress or Progress("quiet"))
+        run = resolve(config, info)
+        _check_disks(run.config, run.plan, out, run.plan.parameters * run.plan.checkpoint_bytes - _bytes_in(partial_dir(out)))
+        return launch("prune", run, progress or Progress("quiet"))
 
 
 def compute_gradients(config: PruneConfig, out: Path, progress: Progress | None = None) -> Path | None:
     """`dist-prune grad`: the GBLM gradient pass alone, saved for later `prune --gradients FILE` runs."""
     info = open_checkpoint(config)
     check_gradients_output(out, info.path, config.runtime.overwrite, is_gradients_file)
-    config, plan = _resolved(config, info)
-    _check_disks(config, plan, out, FP32_BYTES * sum(math.prod(s) for s in gradient_shapes(info.config).values()))
-    return launch("grad", config, progress or Progress("quiet"))
+    run = resolve(config, info)
+    _check_disks(run.config, run.plan, out, FP32_BYTES * sum(math.prod(s) for s in gradient_shapes(info.config).values()))
+    return launch("grad", run, progress or Progress("quiet"))
 
 
-def _resolved(config: PruneConfig, info: CheckpointInfo) -> tuple[PruneConfig, MemoryPlan]:
-    """Residency and activation storage decided once, here, from the memory plan; the workers get the result."""
+def checked_source(config: PruneConfig) -> CheckpointInfo:
+    """The checkpoint, checked for the run: for structured pruning its target reachable, else the N:M pattern
+    fitting every Linear's width."""
+    if method(config.prune.method).structured:
+        from .structured.pipeline import check_structured  # imported when used: it loads transformers
+
+        return check_structured(config)
+    info = open_checkpoint(config)
+    check_pattern_fits(info, config.nm)
+    return info
+
+
+def resolve(config: PruneConfig, info: CheckpointInfo | None = None) -> Resolved:
+    """Everything the workers need, decided once, here: the checkpoint (checked), residency and activation
+    storage from the memory plan, the plan itself (which must fit), the pattern."""
+    info = info if info is not None else checked_source(config)
     config = resolve_runtime(torchrun_world(config), info)
     plan = plan_for(config, info)
     check_fits(plan)
-    return config, plan
+    return Resolved(config, info, plan, config.nm)
 
 
 def _output_lock(config: PruneConfig):

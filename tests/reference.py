@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from dist_prune.methods.scores import accumulate_sample_gradient
+from dist_prune.methods.gblm import accumulate_sample_gradient
 from dist_prune.models import LINEARS, decoder_layers, linear_weight_name
 
 

@@ -81,7 +81,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         Scratch,
         layerwise_gradient_pass,
     )
-    from dist_prune.distributed.process_group import init_workers, local_share, on_workers
+    from dist_prune.distributed.process_group import init_workers, on_workers
     from dist_prune.distributed.residency import ResidentStore, StreamStore
     from dist_prune.distributed.sharded_model import (
         gather_layer_state,
@@ -89,6 +89,7 @@ def worker(rank: int, world: int, port: int, data: dict, out: Path) -> None:
         load_sharded_model,
         local_rows,
     )
+    from dist_prune.distributed.shares import local_share
     from dist_prune.models import EMBEDDING, Shell, family_of
 
     def collect(workers) -> dict:

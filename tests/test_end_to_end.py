@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 from dist_prune.checkpoint import INDEX_FILE, load_tokenizer
 from dist_prune.cli import main
 from dist_prune.data import load_text, sample_windows, tokenize
-from dist_prune.methods.scores import gblm_score, magnitude_score, wanda_score
+from dist_prune.methods.gblm import gblm_score
+from dist_prune.methods.magnitude import magnitude_score
 from dist_prune.methods.sparsegpt import sparsegpt_prune
 from dist_prune.methods.stats import InputStatistics
+from dist_prune.methods.wanda import wanda_score
 
 LINEARS = (
     "self_attn.q_proj",

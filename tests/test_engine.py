@@ -91,19 +91,21 @@ def _worker_main(rank: int, world: int, port: int, jobs: list) -> None:
     torch.set_num_threads(1)
 
     def run_all(workers) -> None:
-        for config in jobs:
-            run_job("prune", config, workers, Progress("quiet"))
+        for resolved in jobs:
+            run_job("prune", resolved, workers, Progress("quiet"))
 
     on_workers(lambda: init_workers(rank, world, "127.0.0.1", port), run_all)
 
 
 def prune_on_workers(world: int, configs: list) -> None:
-    """The configs' jobs in order on `world` spawned workers; their stderr goes beside the first job's output."""
+    """The configs' jobs in order on `world` spawned workers, resolved once here as the driver does; their stderr
+    goes beside the first job's output."""
     from dist_prune.distributed import free_port
+    from dist_prune.pipeline import resolve
 
-    configs = [replace(c, runtime=replace(c.runtime, workers=world)) for c in configs]
+    jobs = [resolve(replace(c, runtime=replace(c.runtime, workers=world))) for c in configs]
     log_dir = Path(configs[0].out).parent / f"worker-logs-w{world}"
-    spawn_workers(_worker_main, world, (world, free_port(), configs), log_dir)
+    spawn_workers(_worker_main, world, (world, free_port(), jobs), log_dir)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +208,8 @@ def test_engine_matches_the_plain_single_process_maths(outputs, uneven_llama, te
     from dist_prune.checkpoint import load_tokenizer
     from dist_prune.data import calibration_stream, calibration_windows
     from dist_prune.layerwise import collect_input_statistics, embed_batches, run_layer
-    from dist_prune.methods import prune_weight
+    from dist_prune.methods import GroupMember
+    from dist_prune.methods.wanda import WANDA
     from dist_prune.models import EMBEDDING, LINEAR_INPUT_OWNER, LINEARS, Shell, family_of
 
     config = run_config(uneven_llama, outputs[1] / "unused", text_file, RUNS["wanda"])
@@ -221,7 +224,8 @@ def test_engine_matches_the_plain_single_process_maths(outputs, uneven_llama, te
         for name in LINEARS:
             linear = layer.get_submodule(name)
             owner = LINEAR_INPUT_OWNER[name]
-            linear.weight.data = prune_weight(linear.weight.data, config.prune, stats[owner], None).weight
+            outcome = WANDA.prune({name: GroupMember(linear.weight.data)}, config.prune, stats[owner], None)[name]
+            linear.weight.data = outcome.weight
             expected[f"model.layers.{index}.{name}.weight"] = linear.weight.data == 0
         inputs = run_layer(layer, inputs)
     got = decoder_masks(outputs[1] / "wanda-stream")

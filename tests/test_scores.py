@@ -6,16 +6,19 @@ import pytest
 import torch
 
 from dist_prune.config import MethodConfig
-from dist_prune.methods import prune_weight
+from dist_prune.methods import GroupMember
 from dist_prune.methods import stats as stats_module
-from dist_prune.methods.scores import (
-    accumulate_sample_gradient,
-    gblm_score,
-    gradient_term,
-    magnitude_score,
-    wanda_score,
-)
+from dist_prune.methods.gblm import accumulate_sample_gradient, gblm_score, gradient_term
+from dist_prune.methods.magnitude import magnitude_score
 from dist_prune.methods.stats import InputStatistics
+from dist_prune.methods.wanda import wanda_score
+from dist_prune.registry import method
+
+
+def prune_weight(W, cfg: MethodConfig, stats, gradient_sums=None):
+    """One matrix as a group of one, through its method's plug-in."""
+    member = GroupMember(W, gradient_sums=gradient_sums)
+    return method(cfg.method).prune({"w": member}, cfg, stats, None)["w"]
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ from transformers import AutoModelForCausalLM
 from dist_prune.checkpoint import INDEX_FILE
 from dist_prune.cli import main
 from dist_prune.distributed import Workers
-from dist_prune.distributed.sharded_model import rebuild_nonpersistent_buffers
 from dist_prune.errors import ConfigError
-from dist_prune.models import decoder_layers
+from dist_prune.models import decoder_layers, family_of, rebuild_unsaved_buffers
 from dist_prune.structured.allocation import Module, allocate, solve_ratios, threshold_ratios
 from dist_prune.structured.groups import (
     ATTENTION,
@@ -408,7 +407,7 @@ def test_sliced_model_equals_masked_model(tiny_llama, mode):
     pruned = build_on_meta(output)
     pruned.load_state_dict(state, assign=True, strict=False)  # the tied lm_head follows the embeddings
     pruned.tie_weights()
-    rebuild_nonpersistent_buffers(pruned.eval(), torch.device("cpu"))  # rotary buffers: not in a state dict
+    rebuild_unsaved_buffers(pruned.eval(), family_of(pruned.config), "cpu")  # rotary buffers: not in a state dict
     tokens = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(pruned(input_ids=tokens).logits, masked(input_ids=tokens).logits, atol=1e-5, rtol=0)
@@ -453,7 +452,7 @@ def test_compensated_pruned_model_equals_masked_model_plus_bias(tiny_llama):
         state | {name: torch.zeros(pruned.get_parameter(name).shape) for name in absent}, assign=True, strict=False
     )
     pruned.tie_weights()
-    rebuild_nonpersistent_buffers(pruned.eval(), torch.device("cpu"))
+    rebuild_unsaved_buffers(pruned.eval(), family_of(pruned.config), "cpu")
     assert output["attention_bias"] and output["mlp_bias"]
     tokens = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

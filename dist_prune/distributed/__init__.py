@@ -9,17 +9,7 @@ from .collectives import (
     all_reduce_statistics,
     select_lowest_global,
 )
-from .process_group import (
-    StopRequest,
-    Workers,
-    batch_share,
-    free_port,
-    init_from_env,
-    init_workers,
-    local_share,
-    on_workers,
-    teardown,
-)
+from .process_group import Workers, free_port, init_from_env, init_workers, on_workers, teardown
 from .sharded_model import (
     RowShard,
     copy_local_rows,
@@ -30,6 +20,8 @@ from .sharded_model import (
     local_rows,
     shard_model,
 )
+from .shares import batch_share, local_share
+from .stop import StopRequest
 
 __all__ = [
     "RowShard",

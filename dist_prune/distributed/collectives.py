@@ -9,6 +9,7 @@ Every function here is a collective: all workers call it in the same order with 
 Without a process group they compute the single-worker answer.
 """
 
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..methods.masks import lowest_in_matrix
 from ..methods.stats import InputStatistics
+from .shares import local_share
 
 RADIX_BITS = 8
 KEY_BITS = 32
@@ -154,8 +156,6 @@ def gather_rows(local: Tensor, total_rows: int) -> Tensor:
     Blocks may differ in size by one row; they are padded to the largest for the all-gather and trimmed."""
     if not _distributed():
         return local
-    from .process_group import local_share
-
     world = dist.get_world_size()
     blocks = [local_share(total_rows, rank, world) for rank in range(world)]
     largest = max(len(b) for b in blocks)
@@ -182,3 +182,26 @@ def broadcast_from_first(tensors: dict[str, Tensor] | None, like: dict[str, Tens
 def any_worker(flag: bool, device: torch.device) -> bool:
     """True on every worker when it is True on at least one (a collective)."""
     return sum_across_workers([float(flag)], device)[0] > 0
+
+
+def worker_memory(weight_bytes: int, w, progress) -> list[dict]:
+    """Every worker's peak memory, its host peak after each phase so far, and the bytes of its resident
+    weights, as seen by worker 0 (a collective)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if w.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(w.device)
+    phases = list(progress.host_peaks)  # every worker runs the same phases in the same order
+    mine = [float(peak), float(weight_bytes), *(float(progress.host_peaks[phase]) for phase in phases)]
+    width = len(mine)
+    values = [0.0] * (width * w.world_size)
+    values[width * w.rank : width * (w.rank + 1)] = mine
+    summed = sum_across_workers(values, w.device)
+    return [
+        {
+            "rank": rank,
+            "peak_bytes": int(summed[width * rank]),
+            "weight_bytes": int(summed[width * rank + 1]),
+            "host_peak_after_phase": {phase: int(summed[width * rank + 2 + i]) for i, phase in enumerate(phases)},
+        }
+        for rank in range(w.world_size)
+    ]

@@ -11,7 +11,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from ..metrics import next_token_nll
 from .collectives import sum_across_workers
-from .process_group import Workers, local_share
+from .process_group import Workers
+from .shares import local_share
 
 
 def evaluation_steps(count: int, workers: Workers, batch_size: int) -> int:

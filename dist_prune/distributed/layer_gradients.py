@@ -31,12 +31,13 @@ from torch import Tensor
 from ..background import Background, Prefetcher, to_host
 from ..errors import DistPruneError, KeptForResume
 from ..log import get_logger
-from ..methods.scores import accumulate_sample_gradient
+from ..methods.gblm import accumulate_sample_gradient
 from ..models import EMBEDDING, LINEARS, Shell, family_of, layer_output, linear_weight_name
 from ..progress import PhaseClock
 from ..safe_io import is_regular, replace_file
 from .collectives import all_reduce_in_order
-from .process_group import Workers, local_share
+from .process_group import Workers
+from .shares import local_share
 
 log = get_logger()
 
@@ -94,10 +95,6 @@ class Scratch:
 
     def remove(self, name: str) -> None:
         (self.dir / f"{name}.safetensors").unlink()
-
-    @property
-    def bytes_used(self) -> int:
-        return sum(f.stat().st_size for f in self.dir.glob("*"))
 
 
 class ActivationStore:

@@ -6,10 +6,8 @@ Every launcher (Ray actors, torchrun, the in-process worker) ends up in `init_wo
 
 import gc
 import os
-import signal
 import socket
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,57 +147,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def local_share(count: int, rank: int, world_size: int) -> range:
-    """The contiguous block of `count` items (calibration sequences) that `rank` handles.
-
-    Sizes differ by at most one, the larger blocks first, so rank 0 always has the most.
-    """
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
-
-
-def batch_share(count: int, batch_size: int, rank: int, world_size: int) -> list[range]:
-    """`rank`'s batches of `count` sequences: the batches are cut from the whole set first and handed out
-    whole, so a sequence's batch (and so its forward's rounding) is the same for any number of workers."""
-    batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
-    mine = local_share(len(batches), rank, world_size)
-    return batches[mine.start : mine.stop]
-
-
-class StopRequest:
-    """SIGINT and SIGTERM ask the job to stop at the next layer boundary, where every worker agrees (a
-    collective), so the partial output ends on a finished layer and can be resumed. A second signal stops at
-    once. Signal handlers exist only in a process's main thread; elsewhere (a Ray actor's thread) nothing is
-    installed and the launcher's own handling applies."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.asked = False
-        self.previous: dict = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._ask) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _ask(self, signum, _frame) -> None:
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        log.warning("%s: stopping after the current layer (send it again to stop now)", signal.Signals(signum).name)
-
-    def agreed(self, device: torch.device) -> bool:
-        from .collectives import any_worker
-
-        return any_worker(self.asked, device)
 
 
 def _default_device() -> torch.device:

@@ -22,7 +22,8 @@ from torch import Tensor
 from ..background import Prefetcher, page_locked
 from ..checkpoint import CheckpointInfo
 from .collectives import gather_rows
-from .process_group import Workers, local_share
+from .process_group import Workers
+from .shares import local_share
 
 
 class StreamStore:

@@ -11,13 +11,12 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..checkpoint import CheckpointInfo
 from ..errors import CheckpointError
 from ..log import get_logger
-from ..models import LAYERS_PREFIX, decoder_layers, layer_prefix
+from ..models import LAYERS_PREFIX, decoder_layers, family_of, layer_prefix, rebuild_unsaved_buffers
 from .process_group import Workers
 
 log = get_logger()
@@ -56,7 +55,7 @@ def shard_model(model: nn.Module, workers: Workers) -> nn.Module:
     fully_shard(model, mesh=workers.mesh, mp_policy=policy)
     model.to_empty(device=workers.device)
     _tie_head_if_needed(model)
-    rebuild_nonpersistent_buffers(model, workers.device)
+    rebuild_unsaved_buffers(model, family_of(model.config), workers.device)
     return model.eval()
 
 
@@ -97,27 +96,17 @@ def _tie_head_if_needed(model: nn.Module) -> None:
         raise CheckpointError("lm_head is no longer tied to the embeddings after sharding")
 
 
-def rebuild_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
-    """Buffers absent from the checkpoint (rotary inv_freq) are garbage after `to_empty`: recompute them
-    by constructing the owning module afresh from its config, on the CPU, and copying its buffers over."""
-    for module in model.modules():
-        names = module._non_persistent_buffers_set
-        if not names:
-            continue
-        fresh = type(module)(module.config)
-        for name in names:
-            module._buffers[name] = fresh._buffers[name].to(device)
-
-
 def local_rows(param: nn.Parameter) -> RowShard:
     """This worker's row block of a row-sharded parameter, where FSDP2 actually put it.
 
     FSDP2 splits rows like `torch.chunk` (ceil-sized blocks, the last ranks possibly short or empty);
-    the offset is read from the DTensor's own layout, not recomputed from that rule.
+    the offset is read from the DTensor's own layout (the chunk list it hands distributed checkpointing),
+    not recomputed from that rule.
     """
     if not isinstance(param, DTensor):
         return RowShard(param.detach(), 0, param.shape[0])
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    (chunk,) = param.__create_chunk_list__()
+    offset = chunk.offsets
     with torch.no_grad():
         local = param.to_local().detach()
     return RowShard(local, offset[0], param.shape[0])

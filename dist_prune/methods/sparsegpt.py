@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .base import Method, PruneOutcome
 from .masks import prune_lowest_in_matrix, prune_n_m
 
 MAX_DAMP_RETRIES = 6
@@ -227,3 +228,21 @@ def _subtract_product(W: Tensor, err: Tensor, Hinv_rows: Tensor, placements: lis
             at = rows.start - start
             padded[at : at + rows.stop - rows.start] = err[rows]
             W[rows] -= (padded @ Hinv_rows)[at : at + rows.stop - rows.start]
+
+
+def _prune(members, cfg, stats, nm):
+    results = sparsegpt_prune_group(
+        [m.weight for m in members.values()], stats.hessian(), cfg.sparsity, nm, cfg.sparsegpt_blocksize,
+        cfg.sparsegpt_damp, [m.selector for m in members.values()], [m.first_row for m in members.values()],
+    )  # fmt: skip
+    return {name: PruneOutcome(r.weight, r.mask, r.damp) for name, r in zip(members, results, strict=True)}
+
+
+def _check(config) -> None:
+    """A block of columns must hold whole N:M groups."""
+    p, nm = config.prune, config.nm
+    if nm is not None and p.sparsegpt_blocksize % nm[1]:
+        raise ValueError(f"sparsegpt_blocksize {p.sparsegpt_blocksize} must be a multiple of M={nm[1]} for N:M")
+
+
+SPARSEGPT = Method("sparsegpt", statistics="hessian", prune=_prune, check=_check, mask_pictures=True)

@@ -24,6 +24,7 @@ from .family import (
     layer_prefix,
     linear_shapes,
     linear_weight_name,
+    rebuild_unsaved_buffers,
     setting,
     tied,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "layer_prefix",
     "linear_shapes",
     "linear_weight_name",
+    "rebuild_unsaved_buffers",
     "setting",
     "tied",
 ]

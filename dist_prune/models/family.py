@@ -181,6 +181,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
+def rebuild_unsaved_buffers(model: nn.Module, family: Family, device) -> None:
+    """Buffers a checkpoint does not hold (rotary inv_freq, Gemma's embedding scale) are garbage in a model
+    built on the meta device: make them afresh on the CPU, by the family's rule or from the owning module's
+    config, and move them to `device`."""
+    for module in model.modules():
+        persistent = module.state_dict(keep_vars=True).keys()
+        unsaved = [name for name, _ in module.named_buffers(recurse=False) if name not in persistent]
+        if not unsaved:
+            continue
+        fresh = family.fresh_buffers(module, model.config) if family.fresh_buffers else None
+        if fresh is None:
+            fresh = dict(type(module)(module.config).named_buffers(recurse=False))
+        for name in unsaved:
+            setattr(module, name, fresh[name].to(device))
+
+
 class _Captured(Exception):
     pass
 
@@ -222,21 +238,7 @@ class Shell:
             places[name].weight = nn.Parameter(tensor.to(self.device, dtype), requires_grad=False)
         if EMBEDDING in rest and tied(config):
             self.lm.lm_head.weight = self.lm.model.embed_tokens.weight
-        self._rebuild_buffers(family)
-
-    def _rebuild_buffers(self, family: Family) -> None:
-        """Buffers a checkpoint does not hold (rotary inv_freq, Gemma's embedding scale) were made on the meta
-        device: make them afresh on the CPU, by the family's rule or from the owning module's config."""
-        for module in self.lm.modules():
-            persistent = module.state_dict(keep_vars=True).keys()
-            wanted = [b for b, t in module.named_buffers(recurse=False) if b not in persistent and t.is_meta]
-            if not wanted:
-                continue
-            fresh = family.fresh_buffers(module, self.config) if family.fresh_buffers else None
-            if fresh is None:
-                fresh = dict(type(module)(module.config).named_buffers(recurse=False))
-            for buffer in wanted:
-                setattr(module, buffer, fresh[buffer].to(self.device))
+        rebuild_unsaved_buffers(self.lm, family, self.device)
 
     @torch.no_grad()
     def stem(self, tokens: Tensor) -> tuple[Tensor, list[dict[str, Any]]]:

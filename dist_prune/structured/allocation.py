@@ -14,6 +14,7 @@ the total misses the target by at most about one channel per module (uniform) or
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,17 @@ class Module:
         return self.steps.removable * self.steps.params
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """A rule for the per-module amounts: `counts(modules, target, scores, spread)`, the steps removed per
+    module; `needs_stability`: it reads the modules' importance instability across calibration batches (which
+    a forward-only importance has no meaningful value of)."""
+
+    name: str
+    counts: Callable[[list["Module"], int, list[Tensor] | None, float | None], list[int]]
+    needs_stability: bool = False
+
+
 def allocate(
     modules: list[Module],
     target_params: int,
@@ -45,20 +57,41 @@ def allocate(
     scores: list[Tensor] | None = None,
     spread: float | None = None,
 ) -> list[int]:
-    """Steps removed per module (same order as `modules`), removing about `target_params` parameters.
-
-    rule: "uniform", "adaptive" (each ratio within `spread` of the uniform one; None: unbounded) or "global"
-    (which needs each module's unit `scores`)."""
+    """Steps removed per module (same order as `modules`), removing about `target_params` parameters, by the
+    rule of ALLOCATIONS named `rule`."""
     check_capacity(modules, target_params)
-    if rule == "global":
-        assert scores is not None
-        ratios = threshold_ratios(modules, scores, target_params)
-        weights = ratios  # the MLPs share what attention's rounding leaves in these proportions
-        spread = None
-    else:
-        weights = instability_weights(modules) if rule == "adaptive" else [1.0] * len(modules)
-        ratios = solve_ratios(modules, weights, target_params, spread)
-    return whole_steps(modules, ratios, weights, target_params, equal=rule == "uniform", spread=spread)
+    return ALLOCATIONS[rule].counts(modules, target_params, scores, spread)
+
+
+def _global(modules: list[Module], target_params: int, scores: list[Tensor] | None, _spread) -> list[int]:
+    """FLAP's: one threshold over every module's unit `scores`."""
+    assert scores is not None
+    ratios = threshold_ratios(modules, scores, target_params)
+    # the MLPs share what attention's rounding leaves in these proportions
+    return whole_steps(modules, ratios, ratios, target_params, equal=False)
+
+
+def _adaptive(modules: list[Module], target_params: int, _scores, spread: float | None) -> list[int]:
+    """Ratios from the instability, each within `spread` of the uniform ratio (None: unbounded)."""
+    weights = instability_weights(modules)
+    ratios = solve_ratios(modules, weights, target_params, spread)
+    return whole_steps(modules, ratios, weights, target_params, equal=False, spread=spread)
+
+
+def _uniform(modules: list[Module], target_params: int, _scores, _spread) -> list[int]:
+    weights = [1.0] * len(modules)
+    ratios = solve_ratios(modules, weights, target_params)
+    return whole_steps(modules, ratios, weights, target_params, equal=True)
+
+
+ALLOCATIONS = {
+    rule.name: rule
+    for rule in (
+        Allocation("global", _global),
+        Allocation("adaptive", _adaptive, needs_stability=True),
+        Allocation("uniform", _uniform),
+    )
+}
 
 
 def whole_steps(

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 ATTENTION, MLP = "attention", "mlp"
-GQA_MODES = ("kv_group", "query_heads")
 MODULES = {
     ATTENTION: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     MLP: ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),

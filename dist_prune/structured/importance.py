@@ -6,12 +6,41 @@ mean cross-entropy); F = sum_n g_n^2, the diagonal (empirical) Fisher from per-s
 scaler_row[j] = (1/N) sum_{n,t} x_ntj^2 of the Linear's input. All maths in fp32; a higher score is kept.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .groups import MLP, MODULES, LayerShape, group_sums, num_units, unit_index
 
 MEASURES = ("vector", "element", "activation")
+
+
+@dataclass(frozen=True)
+class Importance:
+    """A group importance: the measures computed per unit (more than one: fused), and whether one forward pass
+    of the dense model gives it, without gradients (FLAP's fluctuation: the scoring pass and the memory plan
+    follow this)."""
+
+    name: str
+    measures: tuple[str, ...]
+    forward_only: bool = False
+
+    @property
+    def fused(self) -> bool:
+        return len(self.measures) > 1
+
+
+IMPORTANCES = {
+    i.name: i
+    for i in (
+        Importance("fused", MEASURES),
+        Importance("element", ("element",)),
+        Importance("vector", ("vector",)),
+        Importance("activation", ("activation",)),
+        Importance("fluctuation", ("fluctuation",), forward_only=True),
+    )
+}
 
 
 def vector_terms(W: Tensor, g: Tensor) -> Tensor:

@@ -15,19 +15,20 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointInfo, open_checkpoint
-from ..config import PruneConfig
+from ..config import EVAL_BATCH, PruneConfig
 from ..distributed import Workers, gather_layer_state, gather_non_layer_state, load_sharded_model, local_rows
+from ..distributed.collectives import worker_memory
 from ..distributed.evaluation import evaluation_steps, sharded_perplexity
 from ..distributed.residency import StreamStore
 from ..errors import ConfigError
-from ..job import token_windows, worker_memory
 from ..log import get_logger
-from ..memory import EVAL_BATCH, ModelShape, plan_for
-from ..models import decoder_layers
+from ..memory import ModelShape
+from ..models import FAMILIES, decoder_layers
 from ..precision import compute_dtype
 from ..progress import Progress
-from ..registry import FORWARD_ONLY
 from ..report import perplexity_entry, run_environment
+from ..resolved import Resolved
+from ..windows import token_windows
 from ..writer import CheckpointWriter, finish_run
 from .allocation import Module, allocate, check_capacity
 from .groups import (
@@ -41,6 +42,7 @@ from .groups import (
     removed_units,
     weight_numel,
 )
+from .importance import IMPORTANCES
 from .recovery import GROUP_ORDER, recover
 from .scoring import (
     COLUMN_OWNER,
@@ -63,6 +65,12 @@ GQA_MODE = "query_heads"
 def check_structured(config: PruneConfig) -> CheckpointInfo:
     """The driver's checks: protected layers, and a target the prunable modules can reach (config alone)."""
     info = open_checkpoint(config)
+    if not info.family.structured:
+        structured = ", ".join(sorted(f.model_type for f in FAMILIES.values() if f.structured))
+        raise ConfigError(
+            f"structured pruning ({config.prune.method}) writes {structured} checkpoints only; this one is "
+            f"{info.family.model_type}: prune it unstructured (wanda, sparsegpt, gblm, magnitude) or N:M"
+        )
     shapes = [config_layer_shape(info.config)] * info.num_layers
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
@@ -71,10 +79,10 @@ def check_structured(config: PruneConfig) -> CheckpointInfo:
     return info
 
 
-def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: Progress) -> dict | None:
+def prune_structured_on_worker(resolved: Resolved, workers: Workers, progress: Progress) -> dict | None:
     """The whole structured job on this worker; worker 0 writes the output and returns the report."""
     started = time.perf_counter()
-    info = open_checkpoint(config)
+    config, info = resolved.config, resolved.info
     s = config.structured
     layers = prunable_layers(info.num_layers, s.protect_first, s.protect_last)
     windows, eval_windows, recovery = token_windows(config, info, progress)
@@ -116,7 +124,7 @@ def prune_structured_on_worker(config: PruneConfig, workers: Workers, progress: 
             calibration={"sequences": windows.shape[0], "seqlen": windows.shape[1]},
             timings_s=dict(progress.timings),
             workers=memory,
-            memory_plan=plan_for(config, info).to_dict(),
+            memory_plan=resolved.plan.to_dict(),
             **run_environment(workers.world_size),
         )
         _write_outputs(writer, config, info, report, output, windows)
@@ -138,7 +146,7 @@ def _choose_removals(
     s = config.structured
     store = StreamStore(info, workers.device)
     source = CalibrationSource(store, model.config, compute_dtype(workers.device, info.weight_dtype))
-    phase = "statistics" if s.importance in FORWARD_ONLY else "gradients"
+    phase = "statistics" if IMPORTANCES[s.importance].forward_only else "gradients"
     steps = calibration_steps(windows, s.stability_batches, layers, s.importance, info.num_layers)
     with progress.phase(phase, total=steps) as advance:
         try:

@@ -33,9 +33,9 @@ from ..distributed.layer_gradients import (
     layerwise_input_moments,
 )
 from ..models import LINEAR_INPUT_OWNER, decoder_layers, linear_weight_name
-from ..registry import FORWARD_ONLY
 from .groups import ATTENTION, MLP, MODULES, LayerShape
 from .importance import (
+    IMPORTANCES,
     MEASURES,
     channel_variance,
     finish_measures,
@@ -103,13 +103,13 @@ class CalibrationSource:
 def calibration_batches(windows: Tensor, num_batches: int, importance: str) -> tuple[Tensor, ...]:
     """Stability batches for the gradient measures; one batch for a forward-only importance (its adaptive
     allocation is refused by the config: standardised scores have no meaningful coefficient of variation)."""
-    return windows.tensor_split(1 if importance in FORWARD_ONLY else min(num_batches, windows.shape[0]))
+    return windows.tensor_split(1 if IMPORTANCES[importance].forward_only else min(num_batches, windows.shape[0]))
 
 
 def calibration_steps(windows: Tensor, num_batches: int, layers: list[int], importance: str, num_layers: int) -> int:
     """Progress steps: per batch, two per layer (forward, backward) for a gradient pass, one per layer up to
     the highest prunable one for a forward-only pass."""
-    per_pass = max(layers) + 1 if importance in FORWARD_ONLY else 2 * num_layers
+    per_pass = max(layers) + 1 if IMPORTANCES[importance].forward_only else 2 * num_layers
     return len(calibration_batches(windows, num_batches, importance)) * per_pass
 
 
@@ -133,7 +133,7 @@ def score_modules(
         per_batch.append(module_measures(model, sums, layers, importance, mode))
         totals = sums if totals is None else totals.add_(sums)
         del sums  # else this batch's sums (two fp32 sets of the pruned weights) live through the next pass
-    weights = measure_weights(per_batch) if importance == "fused" else None
+    weights = measure_weights(per_batch) if IMPORTANCES[importance].fused else None
     final = combine(module_measures(model, totals, layers, importance, mode), importance, weights)
     batch_scores = [combine(measures, importance, weights) for measures in per_batch]
     scored = [
@@ -154,7 +154,7 @@ def comparable_scores(scored: list[ModuleScores], importance: str) -> list[Tenso
     """Each module's scores on one scale across layers and kinds, for the global cut: (x - mean) / std over
     the module's units. FLAP's fluctuation scores are standardised by their own definition already
     (importance.fluctuation_scores: attention per channel, before the head average), so they stay as they are."""
-    return [m.scores if importance in FORWARD_ONLY else standardize(m.scores) for m in scored]
+    return [m.scores if IMPORTANCES[importance].forward_only else standardize(m.scores) for m in scored]
 
 
 def measure_weights(per_batch: list[dict[Key, dict[str, Tensor]]]) -> dict[tuple[str, str], float]:
@@ -177,7 +177,7 @@ def combine(
     measures: dict[Key, dict[str, Tensor]], importance: str, weights: dict[tuple[str, str], float] | None
 ) -> dict[Key, Tensor]:
     """One score vector per module: the configured measure, or the fusion of all three."""
-    if importance != "fused":
+    if not IMPORTANCES[importance].fused:
         return {key: values[importance] for key, values in measures.items()}
     return fuse_per_kind(measures, weights)
 
@@ -203,7 +203,7 @@ def batch_sums(
         sums.input_sq.update(layer.input_sq)
         sums.input_sum.update(layer.input_sum)
 
-    if importance in FORWARD_ONLY:
+    if IMPORTANCES[importance].forward_only:
         layerwise_input_moments(
             source.store, source.model_config, batch, tuple(COLUMN_OWNER.values()), frozenset(layers), workers,
             source.dtype, keep_my_rows, progress,
@@ -226,7 +226,7 @@ def module_measures(
 ) -> dict[Key, dict[str, Tensor]]:
     """Per (layer, kind), each measure the importance needs, one score per unit: partial measures from this
     worker's rows, summed across workers (fluctuation: per input channel, then standardised into units)."""
-    measures = MEASURES if importance == "fused" else (importance,)
+    measures = IMPORTANCES[importance].measures
     partial = {}
     for index in layers:
         layer = decoder_layers(model)[index]
@@ -239,7 +239,7 @@ def module_measures(
         for index in layers
         for kind in (ATTENTION, MLP)
     }
-    if importance in FORWARD_ONLY:
+    if IMPORTANCES[importance].forward_only:
         return {
             (index, kind): {importance: fluctuation_scores(values[importance], kind, shape_of(model, index), mode)}
             for (index, kind), values in whole.items()
@@ -250,7 +250,7 @@ def module_measures(
 def _partial_measures(
     layer: nn.Module, index: int, sums: CalibrationSums, kind: str, mode: str, measures: tuple[str, ...]
 ) -> dict[str, Tensor]:
-    if measures == FORWARD_ONLY:  # per input channel of o_proj / down_proj, from this worker's rows
+    if "fluctuation" in measures:  # per input channel of o_proj / down_proj, from this worker's rows
         name = linear_weight_name(index, COLUMN_OWNER[kind])
         variance = channel_variance(sums.input_sum[name], sums.input_sq[name], sums.tokens)
         return {"fluctuation": fluctuation_channels(local_rows(layer.get_submodule(COLUMN_OWNER[kind]).weight).tensor, variance)}  # fmt: skip
