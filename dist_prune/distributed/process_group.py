@@ -131,7 +131,8 @@ def teardown() -> None:
 
 def _forget_device_meshes() -> None:
     """DTensor (FSDP2, structured pruning) caches sharding and redistribution plans keyed by the device mesh,
-    and a mesh holds its process group: cleared, or the group would outlive teardown."""
+    and a mesh holds its process group: cleared, or the group would outlive teardown. torch has no public call
+    that clears them (the one private use in dist_prune; the rest goes through public APIs)."""
     if "torch.distributed.tensor" not in sys.modules:  # never used: nothing cached
         return
     from torch.distributed.tensor import _redistribute
