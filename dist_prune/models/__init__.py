@@ -8,6 +8,7 @@ module and one line below (docs/extending.md).
 from ..errors import CheckpointError, shown
 from .family import (
     ATTENTION_LINEARS,
+    COLUMN_LINEARS,
     EMBEDDING,
     FINAL_NORM,
     INPUT_GROUPS,
@@ -16,6 +17,7 @@ from .family import (
     LINEARS,
     LM_HEAD,
     MLP_LINEARS,
+    QUERY_HEAD_LINEARS,
     Family,
     Shell,
     decoder_layers,
@@ -49,6 +51,7 @@ def family_of(config) -> Family:
 
 __all__ = [
     "ATTENTION_LINEARS",
+    "COLUMN_LINEARS",
     "EMBEDDING",
     "FAMILIES",
     "FINAL_NORM",
@@ -58,6 +61,7 @@ __all__ = [
     "LINEAR_INPUT_OWNER",
     "LM_HEAD",
     "MLP_LINEARS",
+    "QUERY_HEAD_LINEARS",
     "Family",
     "Shell",
     "decoder_layers",

@@ -41,6 +41,11 @@ INPUT_GROUPS = {
 }
 ATTENTION_LINEARS = LINEARS[:4]
 MLP_LINEARS = LINEARS[4:]
+# How heads and channels couple across a layer (structured pruning, for families with `structured=True`): a
+# head is rows of q/k/v and input columns of o_proj, an MLP channel rows of gate/up and an input column of
+# down_proj. These two write back into the residual stream, their units run along input columns:
+COLUMN_LINEARS = ("self_attn.o_proj", "mlp.down_proj")
+QUERY_HEAD_LINEARS = ("self_attn.q_proj", "self_attn.o_proj")  # one block per query head; k/v per KV head
 
 Config = Any  # config.json as a dict, or a transformers config object: read through `setting`
 

@@ -1,4 +1,5 @@
-"""Coupled groups of one LLaMA decoder layer: which rows and columns fall together, their scores, their removal.
+"""Coupled groups of one decoder layer (LLaMA's coupling, models.family): which rows and columns fall together,
+their scores, their removal.
 
 Attention (LLM-Pruner's dependency groups, grouped-query aware). transformers' `repeat_kv` makes query head h
 read KV head h // r, with r = num_heads // num_kv_heads. Two ways keep that mapping valid after pruning:
@@ -18,13 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..models import ATTENTION_LINEARS, MLP_LINEARS, QUERY_HEAD_LINEARS
+from ..models import COLUMN_LINEARS as COLUMN_MODULES  # units run along their input columns, else along rows
+
 ATTENTION, MLP = "attention", "mlp"
-MODULES = {
-    ATTENTION: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-    MLP: ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-}
-# Units run along the input columns of these two; along the output rows of the others.
-COLUMN_MODULES = ("self_attn.o_proj", "mlp.down_proj")
+MODULES = {ATTENTION: ATTENTION_LINEARS, MLP: MLP_LINEARS}
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def unit_index(module: str, shape: LayerShape, mode: str) -> Tensor:
         return torch.arange(shape.intermediate)
     query_head = torch.arange(shape.num_heads).repeat_interleave(shape.head_dim)  # (num_heads * head_dim,)
     kv_head = torch.arange(shape.num_kv_heads).repeat_interleave(shape.head_dim)
-    is_query_side = module in ("self_attn.q_proj", "self_attn.o_proj")
+    is_query_side = module in QUERY_HEAD_LINEARS
     if mode == "kv_group":
         return query_head // shape.heads_per_group if is_query_side else kv_head
     return query_head if is_query_side else torch.full_like(kv_head, -1)
@@ -156,7 +155,7 @@ def check_gqa(keep: LayerKeep, shape: LayerShape) -> None:
 def weight_numel(module: str, shape: LayerShape) -> int:
     if kind_of(module) == MLP:
         return shape.hidden * shape.intermediate
-    heads = shape.num_heads if module in ("self_attn.q_proj", "self_attn.o_proj") else shape.num_kv_heads
+    heads = shape.num_heads if module in QUERY_HEAD_LINEARS else shape.num_kv_heads
     return shape.hidden * heads * shape.head_dim
 
 
@@ -164,7 +163,7 @@ def kept_lines(module: str, keep: LayerKeep, head_dim: int) -> Tensor:
     """Indices of the rows (row modules) or input columns (column modules) of `module` that survive."""
     if kind_of(module) == MLP:
         return torch.tensor(keep.channels, dtype=torch.long)
-    heads = keep.query_heads if module in ("self_attn.q_proj", "self_attn.o_proj") else keep.kv_heads
+    heads = keep.query_heads if module in QUERY_HEAD_LINEARS else keep.kv_heads
     heads_t = torch.tensor(heads, dtype=torch.long)
     return (heads_t[:, None] * head_dim + torch.arange(head_dim)).flatten()  # (kept heads * head_dim,)
 
