@@ -25,19 +25,21 @@ def leftovers(*folders: Path) -> list[str]:
     return [p.name for folder in folders for p in folder.iterdir() if p.name.startswith(".")]
 
 
-def failing_prune_group(monkeypatch, error: Exception) -> list:
-    """prune_group that raises `error` at the second input group: after the gradient pass wrote its files."""
-    import dist_prune.job
+def failing_gblm(monkeypatch, error: Exception) -> list:
+    """GBLM whose maths raises `error` at the second input group: after the gradient pass wrote its files."""
+    from dataclasses import replace
 
-    calls, prune_group = [], dist_prune.job.prune_group
+    from dist_prune.registry import METHODS
+
+    calls, gblm = [], METHODS["gblm"]
 
     def fail_on_second_group(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
             raise error
-        return prune_group(*args, **kwargs)
+        return gblm.prune(*args, **kwargs)
 
-    monkeypatch.setattr(dist_prune.job, "prune_group", fail_on_second_group)
+    monkeypatch.setitem(METHODS, "gblm", replace(gblm, prune=fail_on_second_group))
     return calls
 
 
@@ -51,7 +53,7 @@ def test_scratch_is_removed_when_the_input_is_bad(tiny_llama, text_file, tmp_pat
     no scratch directory, no hidden partial output."""
     from dist_prune.errors import CheckpointError
 
-    calls = failing_prune_group(monkeypatch, CheckpointError("a bad weight"))
+    calls = failing_gblm(monkeypatch, CheckpointError("a bad weight"))
     scratch, out = tmp_path / "scratch", tmp_path / "out"
     scratch.mkdir()
     assert main(gblm_args(tiny_llama, out, text_file, scratch)) == 2
@@ -65,7 +67,7 @@ def test_a_crash_keeps_the_gradient_rows_for_resume(tiny_llama, text_file, tmp_p
     scratch, out, whole = tmp_path / "scratch", tmp_path / "out", tmp_path / "whole"
     scratch.mkdir()
     assert main(gblm_args(tiny_llama, whole, text_file, scratch)) == 0
-    failing_prune_group(monkeypatch, RuntimeError("the machine went away"))
+    failing_gblm(monkeypatch, RuntimeError("the machine went away"))
     with pytest.raises(RuntimeError, match="went away"):
         main(gblm_args(tiny_llama, out, text_file, scratch))
     kept = [p.name for p in next(scratch.iterdir()).iterdir()]
