@@ -83,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load a checkpoint that ships its own model code (structured output with per-layer sizes); runs it",
     )
+    evaluate.add_argument(
+        "--tasks",
+        default=None,
+        help="zero-shot accuracy instead of perplexity, through lm-evaluation-harness: comma-separated task names, "
+        "`bigbench` (the offline suite of six BIG-bench tasks, shipped) or any lm-eval task whose data is cached",
+    )
+    evaluate.add_argument("--limit", type=int, default=None, help="--tasks: at most this many examples per task")
+    evaluate.add_argument(
+        "--generation", action="store_true", help="greedy decoding speed instead of perplexity (batch 1 and 16)"
+    )
+    evaluate.add_argument(
+        "--against", default=None, help="--tasks/--generation: also this model (the dense one), side by side"
+    )
     evaluate.set_defaults(handler=_eval)
 
     inspect = commands.add_parser(
@@ -215,6 +228,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks or args.generation:
+        return _eval_downstream(args)
+    if args.limit is not None or args.against is not None:
+        raise ConfigError("--limit and --against go with --tasks or --generation")
     from .pipeline import evaluate_model
 
     result = evaluate_model(
@@ -224,6 +241,35 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"perplexity {result['perplexity']:.3f} over {result['windows']} windows of {result['seqlen']} tokens")
+    return 0
+
+
+def _eval_downstream(args: argparse.Namespace) -> int:
+    """Zero-shot accuracy and/or generation speed of --model, and of --against first when given (the dense one)."""
+    from .pipeline import generation_model, zero_shot_model
+    from .zeroshot import format_zero_shot
+
+    models = [m for m in (args.against, args.model) if m is not None]
+    result: dict = {}
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        result["zero_shot"] = {
+            m: zero_shot_model(m, tasks, args.limit, device=args.device, trust_remote_code=args.trust_remote_code)
+            for m in models
+        }
+    if args.generation:
+        result["generation"] = {
+            m: generation_model(m, device=args.device, trust_remote_code=args.trust_remote_code) for m in models
+        }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if "zero_shot" in result:
+        print(format_zero_shot(result["zero_shot"]))
+    for model, speed in result.get("generation", {}).items():
+        rates = ", ".join(f"batch {b}: {r:.1f}" for b, r in speed["tokens_per_s"].items())
+        print(f"{model}: greedy decoding tokens/s ({speed['prompt_tokens']}-token prompt, {speed['new_tokens']} new, "
+              f"median of {speed['runs']}): {rates}")  # fmt: skip
     return 0
 
 

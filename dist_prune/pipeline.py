@@ -121,6 +121,40 @@ def _check_gradients_file(config: PruneConfig, info: CheckpointInfo) -> None:
     check_gradient_file_shapes(Path(p.gradients), info.config)
 
 
+def zero_shot_model(
+    model: str, tasks: list[str], limit: int | None, batch_size: int = 8, device: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict:  # fmt: skip
+    """`dist-prune eval --tasks`: zero-shot accuracy of any checkpoint through the harness (zeroshot.py)."""
+    import tempfile
+
+    from .launch import pick_device
+    from .zeroshot import expand, load_tasks, zero_shot
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1 example per task, got {limit}")
+    info = inspect_checkpoint(resolve_model(model), trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="dist_prune-tasks-") as workdir:
+        loaded, chance = load_tasks(expand(tasks), Path(workdir))
+        lm = load_model(info, pick_device(device), trust_remote_code)
+        return {"model": str(info.path)} | zero_shot(lm, load_tokenizer(info.path), loaded, chance, limit, batch_size)
+
+
+def generation_model(
+    model: str, batch_sizes: tuple[int, ...] = (1, 16), prompt_tokens: int = 128, new_tokens: int = 128,
+    runs: int = 3, device: str = "auto", trust_remote_code: bool = False,
+) -> dict:  # fmt: skip
+    """`dist-prune eval --generation`: greedy decoding speed, prompts cut from the Wikipedia evaluation split."""
+    from .launch import pick_device
+    from .zeroshot import generation_speed
+
+    info = inspect_checkpoint(resolve_model(model), trust_remote_code)
+    tokens = tokenize(load_tokenizer(info.path), load_text("wikipedia", "evaluation"))
+    prompts = evaluation_windows(tokens, prompt_tokens, max(batch_sizes))
+    lm = load_model(info, pick_device(device), trust_remote_code)
+    return {"model": str(info.path)} | generation_speed(lm, prompts, new_tokens, batch_sizes, runs)
+
+
 def evaluate_model(
     model: str,
     text: str,
