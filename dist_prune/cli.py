@@ -249,7 +249,7 @@ def _eval_downstream(args: argparse.Namespace) -> int:
     from .pipeline import generation_model, zero_shot_model
     from .zeroshot import format_zero_shot
 
-    models = [m for m in (args.against, args.model) if m is not None]
+    models = list(dict.fromkeys(m for m in (args.against, args.model) if m is not None))
     result: dict = {}
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
