@@ -252,7 +252,7 @@ def _eval_downstream(args: argparse.Namespace) -> int:
     models = list(dict.fromkeys(m for m in (args.against, args.model) if m is not None))
     result: dict = {}
     if args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = args.tasks.split(",")
         result["zero_shot"] = {
             m: zero_shot_model(m, tasks, args.limit, device=args.device, trust_remote_code=args.trust_remote_code)
             for m in models

@@ -131,6 +131,11 @@ class EvalConfig:
     """Window length for perplexity (non-overlapping windows)."""
     eval_windows: int | None = None
     """Cap on the number of evaluation windows (None: all of them)."""
+    eval_tasks: str | None = None
+    """Zero-shot tasks (as `eval --tasks`: "bigbench" or lm-eval task names, comma-separated) run through the
+    harness on the dense and the pruned model after the run; accuracies go into prune_report.json and report.md."""
+    eval_limit: int | None = None
+    """With eval_tasks: at most this many examples per task."""
 
 
 @dataclass(frozen=True)
@@ -362,6 +367,8 @@ def validate(config: PruneConfig) -> None:
     if c.seqlen < 2:
         raise ConfigError("seqlen must be at least 2 tokens")
     _positive("eval_seqlen", e.eval_seqlen)
+    if e.eval_limit is not None:
+        _positive("eval_limit", e.eval_limit)
     if e.eval_windows is not None:
         _positive("eval_windows", e.eval_windows)
     r = config.runtime

@@ -4,6 +4,7 @@ The checks run before any worker starts or any weight is read, so bad input cost
 nothing behind.
 """
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -28,9 +29,10 @@ from .memory import MemoryPlan, check_fits, plan_for, resolve_runtime
 from .metrics import perplexity
 from .progress import Progress
 from .registry import method
+from .report import write_report_markdown
 from .resolved import Resolved
-from .safe_io import check_room, check_writable, is_regular, locked_dir
-from .writer import check_gradients_output, check_output, check_partial, partial_dir
+from .safe_io import check_room, check_writable, is_regular, locked_dir, write_text
+from .writer import check_gradients_output, check_output, check_partial, list_added_files, partial_dir
 
 
 def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
@@ -38,6 +40,10 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
     info = checked_source(config)
     out = Path(config.out)
     check_output(out, info.path, config.runtime.overwrite)
+    if config.evaluation.eval_tasks:
+        from .zeroshot import check_tasks, expand
+
+        check_tasks(expand(config.evaluation.eval_tasks.split(",")))
     with _output_lock(config):
         check_partial(out, config.runtime.resume, run_settings(config, info), info.num_layers)
         if method(config.prune.method).gradients and config.prune.gradients:
@@ -46,7 +52,26 @@ def prune(config: PruneConfig, progress: Progress | None = None) -> dict | None:
             _check_calibration_tokens(config, info)
         run = resolve(config, info)
         _check_disks(run.config, run.plan, out, run.plan.parameters * run.plan.checkpoint_bytes - _bytes_in(partial_dir(out)))
-        return launch("prune", run, progress or Progress("quiet"))
+        report = launch("prune", run, progress or Progress("quiet"))
+    if report is not None and config.evaluation.eval_tasks:
+        report = _add_zero_shot(run, out, report)
+    return report
+
+
+def _add_zero_shot(run: Resolved, out: Path, report: dict) -> dict:
+    """`prune --eval-tasks`: the dense and the pruned model through the harness, once the output is published;
+    the accuracies join prune_report.json and report.md (a table and a chart)."""
+    e = run.config.evaluation
+    tasks = e.eval_tasks.split(",")
+    report["zero_shot"] = {
+        name: zero_shot_model(str(path), tasks, e.eval_limit, device=run.config.runtime.device,
+                              trust_remote_code=name == "pruned" and run.method.structured)
+        for name, path in (("dense", run.info.path), ("pruned", out))
+    }  # fmt: skip
+    write_text(out / "prune_report.json", json.dumps(report, indent=2) + "\n")
+    write_report_markdown(out, report)
+    list_added_files(out)
+    return report
 
 
 def compute_gradients(config: PruneConfig, out: Path, progress: Progress | None = None) -> Path | None:

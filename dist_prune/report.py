@@ -35,6 +35,8 @@ STRUCTURE_FIGSIZE = (8.0, 5.0)
 MASK_CROP = 256
 PERPLEXITY, SPARSITY, MASKS, STRUCTURE, TIMINGS = "Perplexity", "Sparsity per layer", "Masks", "Structure", "Timings"
 RECOVERY = "Recovery"
+ZERO_SHOT = "Zero-shot accuracy"
+ZERO_SHOT_FIGSIZE = (8.0, 3.5)
 
 
 class ModuleEntry(TypedDict, total=False):
@@ -90,6 +92,9 @@ def draw_plots(out_dir: Path, report: dict) -> list[Plot]:
     if report.get("structure"):
         path = plot_structure(report["structure"], out_dir / "report-structure.png")
         plots.append(Plot(STRUCTURE, "kept heads and channels", path))
+    if report.get("zero_shot"):
+        path = plot_zero_shot(report["zero_shot"], out_dir / "report-zero-shot.png")
+        plots.append(Plot(ZERO_SHOT, "zero-shot accuracy, dense and pruned", path))
     curve = (report.get("recovery") or {}).get("curve")
     if curve:
         path = plot_recovery_curve(curve, report["perplexity"].get("dense"), out_dir / "report-recovery.png")
@@ -183,6 +188,26 @@ def plot_recovery_curve(curve: list[dict], dense: float | None, path: Path) -> P
     return _save(figure, path)
 
 
+def plot_zero_shot(results: dict[str, dict], path: Path) -> Path:
+    """Each task's accuracy per model (dense, pruned), bars with their standard errors, chance marked."""
+    figure = _new_figure(ZERO_SHOT_FIGSIZE)
+    axes = figure.add_subplot()
+    tasks = list(next(iter(results.values()))["tasks"])
+    width = 0.8 / len(results)
+    for offset, (name, result) in enumerate(results.items()):
+        entries = [result["tasks"][t] for t in tasks]
+        x = np.arange(len(tasks)) + (offset - (len(results) - 1) / 2) * width
+        axes.bar(x, [e["acc"] for e in entries], width, yerr=[e["acc_stderr"] for e in entries], label=name)
+    for i, task in enumerate(tasks):
+        chance = results[next(iter(results))]["tasks"][task]["chance"]
+        if chance is not None:
+            axes.hlines(chance, i - 0.45, i + 0.45, colors="black", linestyles="dotted")
+    axes.set_xticks(np.arange(len(tasks)), [t.removeprefix("bb_") for t in tasks], rotation=20, fontsize=7)
+    axes.set_ylabel("accuracy (dotted: chance)")
+    axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
 def plot_mask(ref: TensorRef, path: Path, crop: int = MASK_CROP) -> Path:
     """A top-left crop of the mask, pruned weights black: row and column patterns show as stripes."""
     pruned = (read_crop(ref, crop, crop) == 0).numpy()
@@ -221,6 +246,7 @@ def render_markdown(report: dict, plots: list[Plot]) -> str:
         (MASKS, ""),
         (STRUCTURE, ""),
         (RECOVERY, _recovery_text(report)),
+        (ZERO_SHOT, _zero_shot_text(report)),
         (TIMINGS, _timings_table(report)),
     ):
         images = [f"![{plot.caption}]({plot.path.name})" for plot in plots if plot.section == title]
@@ -248,6 +274,17 @@ def _overview(report: dict) -> str:
         rows.append(("peak RSS", f"{report['peak_rss_mib']:,} MiB"))
     title = f"# Pruning report: {report['method']}, {report['pattern']}"
     return title + "\n\n" + _markdown_table(["", ""], rows)
+
+
+def _zero_shot_text(report: dict) -> str:
+    results = report.get("zero_shot")
+    if not results:
+        return ""
+    from .zeroshot import format_zero_shot
+
+    limit = next(iter(results.values()))["limit"]
+    cap = f"the first {limit} examples of each task" if limit else "every example"
+    return f"Through lm-evaluation-harness, {cap}; accuracy ± standard error.\n\n" + format_zero_shot(results)
 
 
 def _recovery_text(report: dict) -> str:

@@ -44,6 +44,14 @@ MANIFEST = "dist_prune.json"
 MANIFEST_KIND = "dist_prune/pruned-checkpoint"
 
 
+def list_added_files(out: Path) -> None:
+    """A published output's manifest lists the files added to it since (report plots of a later step), so
+    that `--overwrite` still knows every file in it as its own."""
+    manifest = read_manifest(out)
+    manifest["files"] = sorted(set(manifest["files"]) | {entry.name for entry in out.iterdir()})
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
 def partial_dir(out: Path) -> Path:
     """Where a run builds `out`: a hidden sibling with a name stable across runs, so --resume finds it."""
     return out.with_name(f".{out.name}.partial")

@@ -7,6 +7,7 @@ BIG-bench multiple-choice tasks shipped in dist_prune/tasks (its README says whe
 they were chosen), turned into harness task configurations here.
 """
 
+import functools
 import hashlib
 import json
 import random
@@ -83,7 +84,7 @@ def suite_config(name: str, data_file: Path) -> dict:
 def expand(names: list[str]) -> list[str]:
     """`bigbench` stands for the whole suite; suite tasks are named without their harness prefix."""
     out = []
-    for name in names:
+    for name in filter(None, (n.strip() for n in names)):
         out += list(SUITE_SHA256) if name == SUITE else [name.removeprefix(SUITE_PREFIX)]
     return list(dict.fromkeys(out))
 
@@ -101,25 +102,39 @@ def _harness():
     return lm_eval, HFLM, TaskManager, get_task_dict
 
 
+@functools.cache
+def _task_manager():
+    """lm-eval's index of its tasks (it reads some thousand YAML files: once a process)."""
+    _, _, TaskManager, _ = _harness()
+    return TaskManager()
+
+
+def check_tasks(names: list[str]):
+    """Every name is a suite task or one lm-eval knows (before any work: `prune --eval-tasks` checks it in the
+    driver); returns the harness's task manager."""
+    manager = _task_manager()
+    unknown = [n for n in names if n not in SUITE_SHA256 and n not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(
+            f"unknown task {unknown[0]!r}: the offline suite has {', '.join(SUITE_SHA256)} (or `{SUITE}` for all "
+            "six); any other name must be a task of lm-eval (`lm-eval ls tasks`)"
+        )
+    return manager
+
+
 def load_tasks(names: list[str], workdir: Path) -> tuple[dict, dict[str, float]]:
     """The harness's task objects for `names` (suite documents written into `workdir`), and each suite task's
     chance accuracy. One line naming what to do for a task whose data this machine cannot reach."""
-    _, _, TaskManager, get_task_dict = _harness()
-    manager, tasks, chance = TaskManager(), {}, {}
+    _, _, _, get_task_dict = _harness()
+    manager, tasks, chance = check_tasks(names), {}, {}
     for name in names:
+        spec = label = name
         if name in SUITE_SHA256:
             documents = bigbench_documents(suite_task(name))
             data_file = workdir / f"{name}.jsonl"
             data_file.write_text("".join(json.dumps(d) + "\n" for d in documents))
             spec, label = suite_config(name, data_file), SUITE_PREFIX + name
             chance[label] = statistics.fmean(d["chance"] for d in documents)
-        elif name in manager.all_tasks:
-            spec = label = name
-        else:
-            raise ConfigError(
-                f"unknown task {name!r}: the offline suite has {', '.join(SUITE_SHA256)} (or `{SUITE}` for all "
-                "six); any other name must be a task of lm-eval (`lm-eval ls tasks`)"
-            )
         tasks.update(_loaded(get_task_dict, [spec], manager, label))
     return tasks, chance
 

@@ -141,3 +141,28 @@ def test_generation_speed_decodes_every_new_token(tiny_llama):
 
     speed = generation_model(str(tiny_llama), batch_sizes=(1, 3), prompt_tokens=16, new_tokens=8, runs=1)
     assert set(speed["tokens_per_s"]) == {"1", "3"} and min(speed["tokens_per_s"].values()) > 0
+
+
+def test_prune_eval_tasks_puts_dense_and_pruned_accuracy_in_the_report(tiny_llama, text_file, tmp_path):
+    from test_bad_input import prune_args
+
+    from dist_prune.writer import read_manifest
+
+    out = tmp_path / "out"
+    argv = prune_args(tiny_llama, out, text_file, "--eval-tasks", "human_organs_senses,emoji_movie", "--eval-limit", "3")
+    assert main(argv) == 0
+    results = json.loads((out / "prune_report.json").read_text())["zero_shot"]
+    assert list(results) == ["dense", "pruned"]
+    assert all(set(r["tasks"]) == {"bb_human_organs_senses", "bb_emoji_movie"} for r in results.values())
+    markdown = (out / "report.md").read_text()
+    assert "## Zero-shot accuracy" in markdown and "![zero-shot accuracy, dense and pruned](report-zero-shot.png)" in markdown
+    assert "report-zero-shot.png" in read_manifest(out)["files"]  # the output's own: --overwrite may replace it
+
+
+def test_prune_with_an_unknown_task_stops_before_any_work(tiny_llama, text_file, tmp_path, capsys):
+    from test_bad_input import prune_args
+
+    out = tmp_path / "out"
+    assert main(prune_args(tiny_llama, out, text_file, "--eval-tasks", "bigbench,no_such_task")) == 2
+    assert "unknown task 'no_such_task'" in one_line_error(capsys)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
