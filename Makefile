@@ -8,7 +8,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup assets demo test lint bench gpu-check
+.PHONY: setup assets demo test lint bench gpu-check zeroshot-demo
 
 $(BIN)/dist-prune: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ assets: setup
 
 demo: assets
 	$(BIN)/dist-prune prune --config configs/demo.yaml --overwrite
+
+# Zero-shot accuracy of the dense SmolLM2 on the offline BIG-bench suite, 40 examples a task (a few minutes).
+zeroshot-demo: assets
+	$(BIN)/dist-prune eval --model smollm2-135m --tasks bigbench --limit 40
 
 test: assets
 	$(BIN)/ruff check dist_prune tests bench
