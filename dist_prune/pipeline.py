@@ -29,7 +29,7 @@ from .memory import MemoryPlan, check_fits, plan_for, resolve_runtime
 from .metrics import perplexity
 from .progress import Progress
 from .registry import method
-from .report import write_report_markdown
+from .report import ZERO_SHOT_PLOT, write_report_markdown
 from .resolved import Resolved
 from .safe_io import check_room, check_writable, is_regular, locked_dir, write_text
 from .writer import check_gradients_output, check_output, check_partial, list_added_files, partial_dir
@@ -70,7 +70,7 @@ def _add_zero_shot(run: Resolved, out: Path, report: dict) -> dict:
     }  # fmt: skip
     write_text(out / "prune_report.json", json.dumps(report, indent=2) + "\n")
     write_report_markdown(out, report)
-    list_added_files(out)
+    list_added_files(out, [ZERO_SHOT_PLOT])
     return report
 
 

@@ -37,6 +37,7 @@ PERPLEXITY, SPARSITY, MASKS, STRUCTURE, TIMINGS = "Perplexity", "Sparsity per la
 RECOVERY = "Recovery"
 ZERO_SHOT = "Zero-shot accuracy"
 ZERO_SHOT_FIGSIZE = (8.0, 3.5)
+ZERO_SHOT_PLOT = "report-zero-shot.png"
 
 
 class ModuleEntry(TypedDict, total=False):
@@ -93,7 +94,7 @@ def draw_plots(out_dir: Path, report: dict) -> list[Plot]:
         path = plot_structure(report["structure"], out_dir / "report-structure.png")
         plots.append(Plot(STRUCTURE, "kept heads and channels", path))
     if report.get("zero_shot"):
-        path = plot_zero_shot(report["zero_shot"], out_dir / "report-zero-shot.png")
+        path = plot_zero_shot(report["zero_shot"], out_dir / ZERO_SHOT_PLOT)
         plots.append(Plot(ZERO_SHOT, "zero-shot accuracy, dense and pruned", path))
     curve = (report.get("recovery") or {}).get("curve")
     if curve:

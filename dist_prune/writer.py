@@ -44,11 +44,11 @@ MANIFEST = "dist_prune.json"
 MANIFEST_KIND = "dist_prune/pruned-checkpoint"
 
 
-def list_added_files(out: Path) -> None:
-    """A published output's manifest lists the files added to it since (report plots of a later step), so
-    that `--overwrite` still knows every file in it as its own."""
+def list_added_files(out: Path, names: list[str]) -> None:
+    """A published output's manifest lists the files a later step wrote into it (`names`: a report plot), so
+    that `--overwrite` knows them as its own; anything else found there stays a stranger's."""
     manifest = read_manifest(out)
-    manifest["files"] = sorted(set(manifest["files"]) | {entry.name for entry in out.iterdir()})
+    manifest["files"] = sorted(set(manifest["files"]) | set(names))
     write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
