@@ -6,7 +6,10 @@ SAAP-style at 20% after recovery, each on the first `--limit` examples of each t
 every model); then greedy decoding speed of dense, FLAP and SAAP-style, dense measured first and last so the
 machine's drift shows. Writes the `zeroshot` section of bench/RESULTS.md.
 
-    python bench/zeroshot.py [--limit 40] [--nsamples 32] [--seqlen 256]
+`--speeds-only` measures the generation speeds again, alone, of the structured outputs a full run left in the
+work folder (for a machine that was busy during the full run); it writes the `zeroshot-speed` section.
+
+    python bench/zeroshot.py [--limit 40] [--nsamples 32] [--seqlen 256] [--speeds-only]
 """
 
 import argparse
@@ -79,6 +82,34 @@ def run(args, publish) -> None:
     publish(state)
 
 
+def speeds_only(args) -> None:
+    """Dense first and last, FLAP and SAAP-style between, from the full run's structured outputs."""
+    out = Path(args.workdir)
+    models = {"dense (first)": "smollm2-135m", **{f"{m} 20%": str(out / m) for m in STRUCTURED}}
+    missing = [path for path in models.values() if path != "smollm2-135m" and not Path(path).is_dir()]
+    if missing:
+        sys.exit(f"no structured output at {', '.join(missing)}: run python bench/zeroshot.py first")
+    speeds = {name: speed(model) for name, model in models.items()}
+    speeds["dense (last)"] = speed("smollm2-135m")
+    lines = [
+        "## Generation speed of the structured outputs, measured alone",
+        "",
+        f"Machine: {machine_line()}; nothing else running. Command: `python bench/zeroshot.py --speeds-only` on the "
+        "FLAP and SAAP-style outputs of the run in the section above (20% of the decoder parameters removed, "
+        "recovered). Greedy decoding, 128-token prompts, 128 new tokens, median of 3 after a warm-up, fp32.",
+        "",
+        "| model | batch 1 tokens/s | batch 16 tokens/s | batch 1 vs dense | batch 16 vs dense |",
+        "|---|---|---|---|---|",
+    ]
+    dense = {b: (speeds["dense (first)"][b] + speeds["dense (last)"][b]) / 2 for b in ("1", "16")}
+    for name, s in speeds.items():
+        lines.append(
+            f"| {name} | {s['1']:.1f} | {s['16']:.1f} | {s['1'] / dense['1']:.2f}x | {s['16'] / dense['16']:.2f}x |"
+        )
+    lines += ["", "vs dense: against the mean of the dense speeds measured first and last."]
+    write_section("zeroshot-speed", "\n".join(lines) + "\n")
+
+
 def render(state: dict, args, command: str) -> str:
     lines = [
         "## Zero-shot accuracy: SmolLM2-135M (real weights) on the offline BIG-bench suite",
@@ -130,7 +161,11 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--recover-steps", type=int, default=40)
     parser.add_argument("--workdir", default="bench/out/zeroshot")
+    parser.add_argument("--speeds-only", action="store_true", help="measure the structured outputs' speeds again")
     args = parser.parse_args()
+    if args.speeds_only:
+        speeds_only(args)
+        return
     command = ("python bench/zeroshot.py " + " ".join(sys.argv[1:])).strip()
     run(args, lambda state: write_section("zeroshot", render(state, args, command)))
 

@@ -19,11 +19,14 @@ from typing import Any, get_type_hints
 import yaml
 
 from .errors import ConfigError, shown
+from .reconstruct import MODES as RECONSTRUCT_MODES
+from .reconstruct import TARGETS as RECONSTRUCT_TARGETS
 from .registry import METHODS, method
 from .structured.allocation import ALLOCATIONS
 from .structured.importance import IMPORTANCES
 
 LAUNCHERS = ("local", "ray", "torchrun")
+SPARSITY_PROFILES = ("uniform", "owl")
 RESIDENCIES = ("auto", "resident", "stream")
 ACTIVATION_STORAGES = ("auto", "memory", "disk")
 GRADIENT_DTYPES = ("fp32", "fp16")
@@ -65,6 +68,24 @@ class MethodConfig:
     """SparseGPT: diagonal damping as a fraction of mean(diag(H))."""
     sparsegpt_blocksize: int = 128
     """SparseGPT: columns per lazy-update block."""
+    sparsity_profile: str = "uniform"
+    """How `sparsity` is spread over the decoder layers: "uniform", or "owl" (outlier-weighted: layers holding
+    more activation outliers pruned less, the mean kept; unstructured only)."""
+    owl_threshold: float = 5.0
+    """OWL: a score counts as an outlier above this many times its layer's mean Wanda score (the paper's M)."""
+    owl_lambda: float = 0.08
+    """OWL: half the width of the range the layer sparsities span around the target (the paper's lambda)."""
+    reconstruct: str = "none"
+    """Fit the kept weights after each layer's masks are chosen (masks fixed; reconstruct.py): "none", "linear"
+    (each Linear on its own inputs in the dense layer) or "block" (the input groups in order, each on its inputs
+    in the layer as fitted so far: the attention's and the MLP's outputs fitted to the dense ones)."""
+    reconstruct_target: str = "layer"
+    """What reconstruction fits to: "layer" (the dense layer on the pruned model's inputs) or "model" (the dense
+    model's own activations, carried through the dense layers: also takes up the error of the layers before)."""
+    reconstruct_damp: float = 0.01
+    """Reconstruction: diagonal damping as a fraction of mean(diag(X X^T)), as SparseGPT's."""
+    reconstruct_iterations: int = 32
+    """Reconstruction: conjugate-gradient iterations of each row's least-squares fit."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +381,8 @@ def validate(config: PruneConfig) -> None:
         _one_of("out_dtype", config.source.out_dtype, OUT_DTYPES)
     _positive("gblm_scale", p.gblm_scale)
     _positive("sparsegpt_damp", p.sparsegpt_damp)
+    _validate_reconstruction(p)
+    _validate_profile(p)
     for name in ("sparsegpt_blocksize",):
         _positive(name, getattr(p, name))
     for name in ("nsamples", "seqlen", "batch_size"):
@@ -386,6 +409,36 @@ def validate(config: PruneConfig) -> None:
     _one_of("activation_storage", r.activation_storage, ACTIVATION_STORAGES)
     if r.device_memory is not None:
         parse_bytes(r.device_memory)
+
+
+def _validate_profile(p: MethodConfig) -> None:
+    _one_of("sparsity_profile", p.sparsity_profile, SPARSITY_PROFILES)
+    if p.sparsity_profile == "uniform":
+        return
+    if method(p.method).structured:
+        raise ConfigError(f"--sparsity-profile owl spreads an unstructured sparsity; {p.method} allocates its own "
+                          "ratios (--allocation)")  # fmt: skip
+    if p.pattern is not None:
+        raise ConfigError(f"--sparsity-profile owl gives each layer its own unstructured sparsity; the pattern "
+                          f"{shown(p.pattern)} prunes the same share of every layer: drop one of them")  # fmt: skip
+    _positive("owl_threshold", p.owl_threshold)
+    _positive("owl_lambda", p.owl_lambda)
+    room = min(p.sparsity, 1 - p.sparsity) / 2  # a layer may sit 2 * lambda from the target (methods/owl.py)
+    if p.owl_lambda > room:
+        raise ConfigError(f"owl_lambda {p.owl_lambda:g} could take a layer's sparsity out of (0, 1) around "
+                          f"{p.sparsity:g}: at most {room:g}")  # fmt: skip
+
+
+def _validate_reconstruction(p: MethodConfig) -> None:
+    _one_of("reconstruct", p.reconstruct, RECONSTRUCT_MODES)
+    _one_of("reconstruct_target", p.reconstruct_target, RECONSTRUCT_TARGETS)
+    if p.reconstruct == "none":
+        return
+    if method(p.method).structured:
+        raise ConfigError(f"--reconstruct fits the kept weights of masked Linears; {p.method} removes whole heads "
+                          "and channels and recovers with --recover-steps")  # fmt: skip
+    _positive("reconstruct_damp", p.reconstruct_damp)
+    _positive("reconstruct_iterations", p.reconstruct_iterations)
 
 
 def _method_check(config: PruneConfig) -> None:

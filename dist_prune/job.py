@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,10 +49,12 @@ from .models import EMBEDDING, INPUT_GROUPS, LINEARS, Shell, layer_prefix, linea
 from .precision import compute_dtype
 from .progress import PhaseClock, Progress, rounded
 from .provenance import ReadRecord
+from .reconstruct import LayerReconstruction
 from .registry import method
 from .report import LayerEntry, ModuleEntry, build_report, phase_report
 from .resolved import Resolved
 from .safe_io import read_json, resolved, write_text
+from .sparsity_profile import SparsityProfile, owl_profile
 from .windows import calibration_stream_checked, token_windows
 from .writer import CheckpointWriter, Interrupted, finish_run
 
@@ -70,6 +73,10 @@ class Run:
         self.resolved, self.config, self.info = resolved, config, resolved.info
         self.workers, self.progress, self.scratch = workers, progress, scratch
         self.family, self.method, self.nm = resolved.family, resolved.method, resolved.nm
+        self.reconstructs = config.prune.reconstruct != "none"
+        self.profile: SparsityProfile | None = None  # per-layer sparsities (OWL), found before the layer loop
+        owl = config.prune.sparsity_profile != "uniform"
+        self.calibrates = bool(self.method.statistics) or self.reconstructs or owl  # calibration through the layers
         self.model_config = self.info.transformers_config()
         self.dtype = compute_dtype(workers.device, self.info.weight_dtype)
         self.clock = PhaseClock(workers.device)  # the layer loop's phases
@@ -106,12 +113,13 @@ def prune_on_worker(resolved: Resolved, workers: Workers, progress: Progress) ->
         done = int(sum_across_workers([float(len(finished))], workers.device)[0])  # worker 0 alone knows
         gradients = stack.enter_context(_gradient_rows(run, windows, done)) if run.method.gradients else None
         with progress.phase("stem"):  # layer 0's inputs, from the embedding
-            stem = run.stem() if run.method.statistics or eval_windows is not None else None  # read once for both
-            calibration = (
-                _embedded(run, stem, windows, config.calibration.batch_size) if run.method.statistics else None
-            )
+            stem = run.stem() if run.calibrates or eval_windows is not None else None  # read once for both
+            calibration = _embedded(run, stem, windows, config.calibration.batch_size) if run.calibrates else None
             evaluation = Evaluation(run, stem, eval_windows) if eval_windows is not None else None
             del stem
+        if config.prune.sparsity_profile == "owl":
+            with progress.phase("owl", total=run.info.num_layers) as advance:
+                run.profile = owl_profile(run, calibration, advance)
         with progress.phase("layers", total=run.info.num_layers) as advance:
             layers = prune_layers(run, calibration, evaluation, gradients, writer, done, stop, advance)
         perplexities = evaluation.perplexities() if evaluation is not None else {}
@@ -123,6 +131,8 @@ def prune_on_worker(resolved: Resolved, workers: Workers, progress: Progress) ->
         layers = finished + layers
         report = build_report(config, run.info, layers, perplexities, eval_windows, windows, progress.timings, workers)
         report.update(workers=memory, memory_plan=resolved.plan.to_dict(), resumed_layers=done)
+        if run.profile is not None:
+            report["sparsity_profile"] = run.profile.to_dict()
         report.update(phase_report(layers[done:], run.gradient_clock.totals))
         finish_run(writer, config, report, windows, run.info.model_files, run.info.config, run.info.weight_dtype)
     log.info("wrote %s", config.out)
@@ -187,6 +197,9 @@ def prune_layers(
     """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time. The first `done`
     layers were finished by an interrupted run: their written weights are propagated, not pruned again."""
     layers, clock = [], run.clock
+    # reconstruction's reference inputs: the dense model's own activations, or the pruned model's
+    dense_path = run.reconstructs and run.config.prune.reconstruct_target == "model"
+    reference = LayerInputs(calibration.hidden, calibration.kwargs) if dense_path else None
     for index in range(run.info.num_layers):
         start = time.perf_counter()
         layer = _read_layer(run, index)  # one layer in memory (and the next one being read)
@@ -200,7 +213,10 @@ def prune_layers(
             notes = None
         else:
             rows = _gradient_rows_of(run, gradients, index)
-            state, notes = _prune_layer(run, layer, index, calibration, rows)
+            state, notes = _prune_layer(run, layer, index, calibration, reference or calibration, rows)
+        if dense_path:
+            with clock("forward"):
+                reference = run_layer(layer, reference)  # through the dense layer, before it takes the pruned weights
         with torch.no_grad():
             for name in LINEARS:
                 layer.get_submodule(name).weight.copy_(state[linear_weight_name(index, name)])
@@ -276,10 +292,11 @@ def _on_device(state: dict[str, Tensor], run: Run) -> dict[str, Tensor]:
     return {name: t.to(run.workers.device) for name, t in state.items()}
 
 
-def _prune_layer(run: Run, layer, index: int, calibration, gradient_rows: dict) -> tuple[dict, dict]:
-    """This layer's statistics (summed over workers), then score and mask; the state to write and notes."""
+def _prune_layer(run: Run, layer, index: int, calibration, reference, gradient_rows: dict) -> tuple[dict, dict]:
+    """This layer's statistics (summed over workers), then score and mask (and reconstruct); the state to write
+    and notes."""
     stats, clock = {}, run.clock
-    if calibration is not None:
+    if run.method.statistics:
         with clock("forward"):
             stats = collect_input_statistics(layer, calibration, run.method.statistics == "hessian", clock)
         with clock("statistics"):
@@ -290,7 +307,10 @@ def _prune_layer(run: Run, layer, index: int, calibration, gradient_rows: dict) 
     with clock("h2d"):
         gradient_rows = _on_device(gradient_rows, run)
     with clock("pruning"):
-        pruned, notes = _prune_rows(run, layer, index, stats, gradient_rows)
+        fitting = None
+        if run.reconstructs:
+            fitting = LayerReconstruction(layer, calibration, reference, run.config.prune, run.workers.device)
+        pruned, notes = _prune_rows(run, layer, index, stats, gradient_rows, fitting)
         return _saved_state(run, layer, index, pruned), notes
 
 
@@ -310,12 +330,14 @@ def _saved_state(run: Run, layer, index: int, pruned: dict[str, Tensor]) -> dict
     return {**{name: t.detach().to(run.info.weight_dtype) for name, t in rest.items()}, **pruned}
 
 
-def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[str, Tensor]):
+def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[str, Tensor], fitting):
     """Score and mask this worker's rows of every Linear of the layer, one input group at a time (q/k/v, o,
-    gate/up, down), then gather the pruned matrices.
+    gate/up, down), fit the kept weights (`fitting`, reconstruct.py) and gather the pruned matrices.
 
     The selectors and gathers are collectives: every worker walks the groups and Linears in the same order."""
     w, p = run.workers, run.config.prune
+    if run.profile is not None:
+        p = replace(p, sparsity=run.profile.layer_sparsity[index])
     pruned, notes = {}, {}
     for owner, names in INPUT_GROUPS.items():
         members = {}
@@ -330,11 +352,17 @@ def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[st
         # A group's statistics go once it is pruned: SparseGPT's X X^T of q/k/v, o and gate/up (315 MB at 13B)
         # are not held while down_proj's Hessian is inverted.
         outcomes = run.method.prune(members, p, stats.pop(owner, None), run.nm)
+        errors = {}
+        if fitting is not None:
+            with run.clock("reconstruction"):
+                outcomes, errors = fitting.fit(owner, members, outcomes)
         for name, outcome in outcomes.items():
             rows = layer.get_submodule(name).weight.shape[0]
             # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
-            pruned[linear_weight_name(index, name)] = gather_rows(outcome.weight.to(run.info.weight_dtype), rows)
-            notes[name] = _notes(outcome, w.device)
+            full = pruned[linear_weight_name(index, name)] = gather_rows(outcome.weight.to(run.info.weight_dtype), rows)
+            notes[name] = {**_notes(outcome, w.device), **errors.get(name, {})}
+            if fitting is not None:
+                fitting.use(name, full)
         del members, outcomes
     return pruned, notes
 

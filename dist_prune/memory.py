@@ -179,6 +179,8 @@ class _Run:
     read_extra: int  # bytes per value held while one tensor is read, beyond its stored copy (ZERO_READ_EXTRA)
     gradient: int  # bytes per value of the gradient rows kept in the scratch directory
     gradient_pass: bool
+    reconstruct: str  # "none", "linear" or "block" (reconstruct.py)
+    reference_path: bool  # reconstruction fits to the dense model's own activations, carried beside
 
     @property
     def layer(self) -> int:
@@ -272,7 +274,9 @@ def _run(config: PruneConfig, model_config: dict, read_extra: int = 0) -> _Run:
     c, e, w = config.calibration, config.evaluation, config.runtime.workers
     needs, device = method(config.prune.method), compute_device(config)
     stored = dtype_bytes(model_config)
-    sequences = worker_sequences(c.nsamples, c.batch_size, w) if needs.statistics else 0
+    p = config.prune
+    calibrates = needs.statistics or p.reconstruct != "none" or p.sparsity_profile != "uniform"
+    sequences = worker_sequences(c.nsamples, c.batch_size, w) if calibrates else 0
     eval_windows = math.ceil((e.eval_windows or DEFAULT_EVAL_WINDOWS) / w) if e.eval_after else 0
     return _Run(
         shape=ModelShape.from_config(model_config),
@@ -289,6 +293,8 @@ def _run(config: PruneConfig, model_config: dict, read_extra: int = 0) -> _Run:
         read_extra=read_extra,
         gradient=GRADIENT_BYTES[config.prune.gradient_dtype],
         gradient_pass=needs.gradients and not config.prune.gradients,
+        reconstruct=p.reconstruct,
+        reference_path=p.reconstruct != "none" and p.reconstruct_target == "model",
     )
 
 
@@ -408,14 +414,30 @@ def _layer_loop(run: _Run) -> int:
     """One layer: its inputs and outputs, one forward's activations, the statistics, and the pruning of the
     widest matrix (scores and masks of this worker's rows, then the whole pruned matrix gathered)."""
     shape = run.shape
-    boundaries = 2 * (run.hidden_states + run.eval_hidden_states)
+    boundaries = 2 * (run.hidden_states * (2 if run.reference_path else 1) + run.eval_hidden_states)
     tokens = max(run.batch * run.seqlen, EVAL_BATCH * run.eval_seqlen if run.eval_windows else 0)
     activations = tokens * (4 * shape.hidden + 3 * shape.mlp) * run.compute
     if run.method.statistics == "hessian":  # SparseGPT's phases count their own matrices (_statistics)
-        return run.layer + boundaries + activations + _statistics(run)
+        return run.layer + boundaries + activations + _statistics(run) + _reconstruction(run)
     masks = 3 * run.own_rows(shape.widest_matrix, FP32)
     gathered = shape.widest_matrix * (run.compute + run.read_extra)
-    return run.layer + boundaries + activations + _statistics(run) + masks + gathered
+    return run.layer + boundaries + activations + _statistics(run) + max(masks + gathered, _reconstruction(run))
+
+
+def _reconstruction(run: _Run) -> int:
+    """Fitting one input group (reconstruct.py): its X X^T and cross sums in fp64 while collected, then in fp32;
+    the group's dense and fitted rows and masks; one batch's input to the group in the layer and in the
+    reference; block mode's copy of the layer in the compute dtype. The method's outcome for the group (its
+    pruned rows and masks) is held meanwhile."""
+    if run.reconstruct == "none":
+        return 0
+    shape = run.shape
+    square = max(shape.input_widths) ** 2
+    sums = 2 * square * (FP64 + FP32)
+    rows = run.own_rows(2 * shape.widest_matrix, 3 * FP32 + 2 * BOOL)
+    captured = 2 * run.batch * run.seqlen * max(shape.input_widths) * (run.compute + FP32)
+    copy = shape.layer_params * run.compute if run.reconstruct == "block" else 0
+    return sums + rows + captured + copy
 
 
 def _statistics(run: _Run) -> int:

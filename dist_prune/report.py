@@ -35,6 +35,8 @@ STRUCTURE_FIGSIZE = (8.0, 5.0)
 MASK_CROP = 256
 PERPLEXITY, SPARSITY, MASKS, STRUCTURE, TIMINGS = "Perplexity", "Sparsity per layer", "Masks", "Structure", "Timings"
 RECOVERY = "Recovery"
+PROFILE = "Layer sparsities (OWL)"
+RECONSTRUCTION = "Reconstruction"
 ZERO_SHOT = "Zero-shot accuracy"
 ZERO_SHOT_FIGSIZE = (8.0, 3.5)
 ZERO_SHOT_PLOT = "report-zero-shot.png"
@@ -48,6 +50,9 @@ class ModuleEntry(TypedDict, total=False):
     sparsity: float
     sparsegpt_damp: float  # SparseGPT: the damping fraction its Hessian needed
     gradient_share: float  # GBLM: the gradient term's share of the whole score, summed over the matrix
+    # --reconstruct: sum ||W' x_p - W x_d||^2 / sum ||W x_d||^2 with the method's weights and after the fit
+    reconstruction_error_before: float
+    reconstruction_error_after: float
 
 
 class LayerEntry(TypedDict, total=False):
@@ -90,6 +95,12 @@ def draw_plots(out_dir: Path, report: dict) -> list[Plot]:
         for ref in mask_pictured_weights(out_dir, layers):
             path = out_dir / f"report-mask-{ref.name.removesuffix('.weight').replace('.', '-')}.png"
             plots.append(Plot(MASKS, f"mask of {ref.name}", plot_mask(ref, path)))
+    if report.get("sparsity_profile"):
+        path = plot_sparsity_profile(report["sparsity_profile"], out_dir / "report-owl.png")
+        plots.append(Plot(PROFILE, "outlier ratio and sparsity per layer", path))
+    if _reconstructed(layers):
+        path = plot_reconstruction(layers, out_dir / "report-reconstruction.png")
+        plots.append(Plot(RECONSTRUCTION, "output error per layer, before and after the fit", path))
     if report.get("structure"):
         path = plot_structure(report["structure"], out_dir / "report-structure.png")
         plots.append(Plot(STRUCTURE, "kept heads and channels", path))
@@ -189,6 +200,43 @@ def plot_recovery_curve(curve: list[dict], dense: float | None, path: Path) -> P
     return _save(figure, path)
 
 
+def plot_sparsity_profile(profile: dict, path: Path) -> Path:
+    """OWL: each layer's sparsity (bars) and the outlier ratio it came from (line)."""
+    figure = _new_figure(LAYER_SPARSITY_FIGSIZE)
+    ax = figure.add_subplot()
+    layers = range(len(profile["layer_sparsity"]))
+    ax.bar(layers, profile["layer_sparsity"], color="tab:blue", label="sparsity")
+    ax.set(xlabel="decoder layer", ylabel="sparsity", ylim=(0, 1), title="OWL: sparsity and outlier ratio per layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ratio_ax = ax.twinx()
+    ratio_ax.plot(layers, [100 * r for r in profile["outlier_ratios"]], color="tab:red", marker=".", label="outliers")
+    ratio_ax.set_ylabel(f"% of scores above {profile['owl_threshold']:g} x the layer mean", color="tab:red")
+    return _save(figure, path)
+
+
+def _reconstructed(layers: list[LayerEntry]) -> bool:
+    return any("reconstruction_error_after" in m for layer in layers for m in layer["modules"].values())
+
+
+def plot_reconstruction(layers: list[LayerEntry], path: Path) -> Path:
+    """Each module's relative output error per layer: with the method's weights (dotted) and fitted (solid)."""
+    figure = _new_figure(LAYER_SPARSITY_FIGSIZE)
+    ax = figure.add_subplot()
+    modules = list(dict.fromkeys(m for layer in layers for m in layer["modules"]))
+    for i, module in enumerate(modules):
+        entries = [(layer["layer"], layer["modules"][module]) for layer in layers if module in layer["modules"]]
+        colour = f"C{i}"
+        ax.plot([x for x, _ in entries], [e["reconstruction_error_before"] for _, e in entries], color=colour,
+                linestyle="dotted")  # fmt: skip
+        ax.plot([x for x, _ in entries], [e["reconstruction_error_after"] for _, e in entries], color=colour,
+                label=_module_label(module))  # fmt: skip
+    ax.set(xlabel="decoder layer", ylabel="relative output error", yscale="log",
+           title="Output error of each Linear: method's weights (dotted), reconstructed (solid)")  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7, ncol=4)
+    return _save(figure, path)
+
+
 def plot_zero_shot(results: dict[str, dict], path: Path) -> Path:
     """Each task's accuracy per model (dense, pruned), bars with their standard errors, chance marked."""
     figure = _new_figure(ZERO_SHOT_FIGSIZE)
@@ -246,6 +294,8 @@ def render_markdown(report: dict, plots: list[Plot]) -> str:
         (SPARSITY, _sparsity_table(report)),
         (MASKS, ""),
         (STRUCTURE, ""),
+        (PROFILE, _profile_text(report)),
+        (RECONSTRUCTION, _reconstruction_text(report)),
         (RECOVERY, _recovery_text(report)),
         (ZERO_SHOT, _zero_shot_text(report)),
         (TIMINGS, _timings_table(report)),
@@ -275,6 +325,30 @@ def _overview(report: dict) -> str:
         rows.append(("peak RSS", f"{report['peak_rss_mib']:,} MiB"))
     title = f"# Pruning report: {report['method']}, {report['pattern']}"
     return title + "\n\n" + _markdown_table(["", ""], rows)
+
+
+def _profile_text(report: dict) -> str:
+    profile = report.get("sparsity_profile")
+    if not profile:
+        return ""
+    s = profile["layer_sparsity"]
+    return (f"Outlier-weighted layer sparsities (OWL): outliers are scores above {profile['owl_threshold']:g} x their "
+            f"layer's mean Wanda score; sparsities within ±{profile['owl_lambda']:g} of the target, from {min(s):.4f} "
+            f"to {max(s):.4f}, mean {sum(s) / len(s):.4f}.")  # fmt: skip
+
+
+def _reconstruction_text(report: dict) -> str:
+    layers = report["layers"]
+    if not _reconstructed(layers):
+        return ""
+    p = report["config"]["prune"]
+    modules = [m for layer in layers for m in layer["modules"].values() if "reconstruction_error_after" in m]
+    before = sum(m["reconstruction_error_before"] for m in modules) / len(modules)
+    after = sum(m["reconstruction_error_after"] for m in modules) / len(modules)
+    return (f"Kept weights fitted after masking (`{p['reconstruct']}`, target `{p['reconstruct_target']}`, "
+            f"{p['reconstruct_iterations']} iterations, damping {p['reconstruct_damp']:g}). Relative output error "
+            f"sum ||W'x - Wx_dense||^2 / sum ||Wx_dense||^2, mean over modules: {before:.4f} with the method's "
+            f"weights, {after:.4f} fitted.")  # fmt: skip
 
 
 def _zero_shot_text(report: dict) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_prune.methods import sparsegpt
+from dist_prune.methods import aligned
 from dist_prune.methods.masks import prune_lowest_in_matrix
 from dist_prune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_group
 
@@ -208,7 +208,7 @@ def global_selector(whole_mask, rows, blocksize, cols):
 def test_row_shards_give_the_same_bits(nm, chunk, monkeypatch):
     """Given Hinv, rows are independent, and every product is made ROW_CHUNK rows at a time at each row's place
     in the whole matrix: any split of the rows gives the whole matrix's bits (chunk 3: shards cut chunks)."""
-    monkeypatch.setattr(sparsegpt, "ROW_CHUNK", chunk)
+    monkeypatch.setattr(aligned, "ROW_CHUNK", chunk)
     W, H = problem(10, 64, seed=12)
     whole = sparsegpt_prune(W, H, 0.5, nm, 32, 0.01)
     for cuts in ((0, 4, 10), (0, 1, 5, 10), (0, 7, 10)):

@@ -14,9 +14,7 @@ The result does not depend on the number of workers or on the threads each uses,
 - the column loop is element-wise along each row (on CUDA one Triton kernel per block, obs_kernel.py, doing
   the same operations in the same order);
 - the lazy update of the later columns is a matrix product, whose rounding can depend on how many rows it
-  multiplies (BLAS picks its kernels by shape; a single row differs from the same row among 350). It is made
-  ROW_CHUNK rows at a time, each matrix's rows placed at their index in the whole matrix modulo ROW_CHUNK, so
-  every row meets a product of the same shape at the same place whichever worker holds it.
+  multiplies; it is made in row chunks aligned with the whole matrix (aligned.py).
 """
 
 import math
@@ -27,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .aligned import Placement, aligned_products, stack_rows
 from .base import Method, PruneOutcome
 from .masks import prune_lowest_in_matrix, prune_n_m
 
 MAX_DAMP_RETRIES = 6
-ROW_CHUNK = 1024  # rows of one lazy-update product; a fixed shape makes every row's rounding split-independent
 
 BlockSelector = Callable[[Tensor, float], Tensor]
 
@@ -42,14 +40,6 @@ class SparseGPTResult:
     mask: Tensor  # True where pruned
     damp: float  # damping fraction that made H positive definite
     retried: bool  # the configured damping was not enough
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """Where one matrix's rows sit in the stacked group, and the index of its first row in the whole matrix."""
-
-    rows: slice
-    first_row: int
 
 
 def sparsegpt_prune(
@@ -81,7 +71,7 @@ def sparsegpt_prune_group(
 
     `block_selectors[j](scores, ratio)` picks matrix j's unstructured mask of one (rows x blocksize) block:
     by default exactly int(numel * ratio) lowest of w^2 / diag(Hinv)^2 (one threshold over the block)."""
-    stack, placements = _stack(weights, first_rows)
+    stack, placements = stack_rows(weights, first_rows)
     H = H.float()
     dead = torch.diag(H) == 0
     if dead.any():  # a copy only when there is something to change: H is the largest matrix here
@@ -138,23 +128,13 @@ def _one_thread_on_cpu(tensor: Tensor) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _stack(weights: list[Tensor], first_rows: list[int]) -> tuple[Tensor, list[_Placement]]:
-    """The group's rows one after another in one fp32 matrix (a copy: the inputs are not modified)."""
-    stack = torch.cat([W.float() for W in weights]) if len(weights) > 1 else weights[0].float().clone()
-    placements, start = [], 0
-    for W, first in zip(weights, first_rows, strict=True):
-        placements.append(_Placement(slice(start, start + W.shape[0]), first))
-        start += W.shape[0]
-    return stack, placements
-
-
 def _block_mask(
     stack: Tensor,
     Hinv: Tensor,
     i1: int,
     i2: int,
     sparsity: float,
-    placements: list[_Placement],
+    placements: list[Placement],
     selectors: list[BlockSelector],
 ) -> Tensor:
     """The unstructured mask of columns i1:i2: one threshold per matrix over its whole block (all workers)."""
@@ -212,22 +192,12 @@ def obs_kernel_available() -> bool:
     return True
 
 
-def _subtract_product(W: Tensor, err: Tensor, Hinv_rows: Tensor, placements: list[_Placement]) -> None:
-    """W -= err @ Hinv_rows, ROW_CHUNK rows at a time, each chunk aligned with the rows of the whole matrix;
-    a chunk that this worker holds only part of is padded with zero rows to the same shape."""
+def _subtract_product(W: Tensor, err: Tensor, Hinv_rows: Tensor, placements: list[Placement]) -> None:
+    """W -= err @ Hinv_rows, in products whose rounding does not depend on the row split (aligned.py)."""
     if W.shape[1] == 0:
         return
-    for place in placements:
-        first = place.rows.start - place.first_row % ROW_CHUNK  # where the whole matrix's chunk starts
-        for start in range(first, place.rows.stop, ROW_CHUNK):
-            rows = slice(max(start, place.rows.start), min(start + ROW_CHUNK, place.rows.stop))
-            if rows.stop - rows.start == ROW_CHUNK:
-                W[rows] -= err[rows] @ Hinv_rows
-                continue
-            padded = err.new_zeros(ROW_CHUNK, err.shape[1])
-            at = rows.start - start
-            padded[at : at + rows.stop - rows.start] = err[rows]
-            W[rows] -= (padded @ Hinv_rows)[at : at + rows.stop - rows.start]
+    for rows, product in aligned_products(err, Hinv_rows, placements):
+        W[rows] -= product
 
 
 def _prune(members, cfg, stats, nm):

@@ -84,3 +84,38 @@ def _fp32_product(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype in HALF:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a @ b
+
+
+class CrossStatistics:
+    """Reconstruction's sums for one input group (methods/reconstruction.py): H = sum x_p x_p^T of the pruned
+    layer's inputs, B = sum x_p x_d^T against the reference's (None while the two are the same tensors), and
+    each member's target energy sum ||W x_d||^2. fp64 accumulators of fp32 batch products, as above: the sums
+    do not depend on how the batches were split between workers."""
+
+    def __init__(self, in_features: int, members: int, with_cross: bool, device: torch.device | str = "cpu"):
+        self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.sum_cross = torch.zeros_like(self.sum_xxt) if with_cross else None
+        self.energy = torch.zeros(members, dtype=torch.float64, device=device)
+
+    def update(self, x_pruned: Tensor, x_reference: Tensor, outputs: list[Tensor]) -> None:
+        """One batch: the group's input in the pruned layer and in the reference, and the reference's outputs."""
+        p = x_pruned.reshape(-1, x_pruned.shape[-1])
+        p = p if _tensor_core_product(p) else p.float()
+        d = x_reference.reshape(-1, x_reference.shape[-1])
+        d = d if _tensor_core_product(d) else d.float()
+        rows = max(1, PRODUCT_BLOCK_ELEMENTS[p.device.type] // p.shape[1])
+        for start in range(0, p.shape[1], rows):
+            block = p[:, start : start + rows].T
+            self.sum_xxt[start : start + rows] += _fp32_product(block, p)
+            if self.sum_cross is not None:
+                self.sum_cross[start : start + rows] += _fp32_product(block, d)
+        for j, y in enumerate(outputs):
+            self.energy[j] += y.float().square().sum()
+
+    def tensors(self) -> list[Tensor]:
+        """The raw sums, for a cross-worker sum."""
+        return [t for t in (self.sum_xxt, self.sum_cross, self.energy) if t is not None]
+
+    def rounded(self) -> tuple[Tensor, Tensor | None]:
+        """Once every batch and worker is in: H and B in fp32 (B None: the same as H)."""
+        return self.sum_xxt.float(), None if self.sum_cross is None else self.sum_cross.float()
