@@ -25,6 +25,7 @@ METHODS = {
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
     "gblm": {"method": "gblm"},
+    "wanda-block": {"method": "wanda", "reconstruct": "block"},  # each family's layer run in parts by hooks
 }
 RESIDENCY_STORAGE = {"stream": "disk", "resident": "memory"}
 # LLaMA runs every method at 1, 2 and 3 workers in test_engine.py; here the other families, at 1 and 2.
