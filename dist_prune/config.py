@@ -20,7 +20,6 @@ import yaml
 
 from .errors import ConfigError, shown
 from .reconstruct import MODES as RECONSTRUCT_MODES
-from .reconstruct import TARGETS as RECONSTRUCT_TARGETS
 from .registry import METHODS, method
 from .structured.allocation import ALLOCATIONS
 from .structured.importance import IMPORTANCES
@@ -79,9 +78,6 @@ class MethodConfig:
     """Fit the kept weights after each layer's masks are chosen (masks fixed; reconstruct.py): "none", "linear"
     (each Linear on its own inputs in the dense layer) or "block" (the input groups in order, each on its inputs
     in the layer as fitted so far: the attention's and the MLP's outputs fitted to the dense ones)."""
-    reconstruct_target: str = "layer"
-    """What reconstruction fits to: "layer" (the dense layer on the pruned model's inputs) or "model" (the dense
-    model's own activations, carried through the dense layers: also takes up the error of the layers before)."""
     reconstruct_damp: float = 0.01
     """Reconstruction: diagonal damping as a fraction of mean(diag(X X^T)), as SparseGPT's."""
     reconstruct_iterations: int = 32
@@ -431,7 +427,6 @@ def _validate_profile(p: MethodConfig) -> None:
 
 def _validate_reconstruction(p: MethodConfig) -> None:
     _one_of("reconstruct", p.reconstruct, RECONSTRUCT_MODES)
-    _one_of("reconstruct_target", p.reconstruct_target, RECONSTRUCT_TARGETS)
     if p.reconstruct == "none":
         return
     if method(p.method).structured:

@@ -197,9 +197,6 @@ def prune_layers(
     """Stats -> score -> mask -> apply -> propagate -> write, one decoder layer at a time. The first `done`
     layers were finished by an interrupted run: their written weights are propagated, not pruned again."""
     layers, clock = [], run.clock
-    # reconstruction's reference inputs: the dense model's own activations, or the pruned model's
-    dense_path = run.reconstructs and run.config.prune.reconstruct_target == "model"
-    reference = LayerInputs(calibration.hidden, calibration.kwargs) if dense_path else None
     for index in range(run.info.num_layers):
         start = time.perf_counter()
         layer = _read_layer(run, index)  # one layer in memory (and the next one being read)
@@ -213,10 +210,7 @@ def prune_layers(
             notes = None
         else:
             rows = _gradient_rows_of(run, gradients, index)
-            state, notes = _prune_layer(run, layer, index, calibration, reference or calibration, rows)
-        if dense_path:
-            with clock("forward"):
-                reference = run_layer(layer, reference)  # through the dense layer, before it takes the pruned weights
+            state, notes = _prune_layer(run, layer, index, calibration, rows)
         with torch.no_grad():
             for name in LINEARS:
                 layer.get_submodule(name).weight.copy_(state[linear_weight_name(index, name)])
@@ -292,7 +286,7 @@ def _on_device(state: dict[str, Tensor], run: Run) -> dict[str, Tensor]:
     return {name: t.to(run.workers.device) for name, t in state.items()}
 
 
-def _prune_layer(run: Run, layer, index: int, calibration, reference, gradient_rows: dict) -> tuple[dict, dict]:
+def _prune_layer(run: Run, layer, index: int, calibration, gradient_rows: dict) -> tuple[dict, dict]:
     """This layer's statistics (summed over workers), then score and mask (and reconstruct); the state to write
     and notes."""
     stats, clock = {}, run.clock
@@ -309,7 +303,7 @@ def _prune_layer(run: Run, layer, index: int, calibration, reference, gradient_r
     with clock("pruning"):
         fitting = None
         if run.reconstructs:
-            fitting = LayerReconstruction(layer, calibration, reference, run.config.prune, run.workers.device)
+            fitting = LayerReconstruction(layer, calibration, run.config.prune, run.workers.device)
         pruned, notes = _prune_rows(run, layer, index, stats, gradient_rows, fitting)
         return _saved_state(run, layer, index, pruned), notes
 

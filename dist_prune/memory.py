@@ -180,7 +180,6 @@ class _Run:
     gradient: int  # bytes per value of the gradient rows kept in the scratch directory
     gradient_pass: bool
     reconstruct: str  # "none", "linear" or "block" (reconstruct.py)
-    reference_path: bool  # reconstruction fits to the dense model's own activations, carried beside
 
     @property
     def layer(self) -> int:
@@ -294,7 +293,6 @@ def _run(config: PruneConfig, model_config: dict, read_extra: int = 0) -> _Run:
         gradient=GRADIENT_BYTES[config.prune.gradient_dtype],
         gradient_pass=needs.gradients and not config.prune.gradients,
         reconstruct=p.reconstruct,
-        reference_path=p.reconstruct != "none" and p.reconstruct_target == "model",
     )
 
 
@@ -414,7 +412,7 @@ def _layer_loop(run: _Run) -> int:
     """One layer: its inputs and outputs, one forward's activations, the statistics, and the pruning of the
     widest matrix (scores and masks of this worker's rows, then the whole pruned matrix gathered)."""
     shape = run.shape
-    boundaries = 2 * (run.hidden_states * (2 if run.reference_path else 1) + run.eval_hidden_states)
+    boundaries = 2 * (run.hidden_states + run.eval_hidden_states)
     tokens = max(run.batch * run.seqlen, EVAL_BATCH * run.eval_seqlen if run.eval_windows else 0)
     activations = tokens * (4 * shape.hidden + 3 * shape.mlp) * run.compute
     if run.method.statistics == "hessian":  # SparseGPT's phases count their own matrices (_statistics)
@@ -426,8 +424,8 @@ def _layer_loop(run: _Run) -> int:
 
 def _reconstruction(run: _Run) -> int:
     """Fitting one input group (reconstruct.py): its X X^T and cross sums in fp64 while collected, then in fp32;
-    the group's dense and fitted rows and masks; one batch's input to the group in the layer and in the
-    reference; block mode's copy of the layer in the compute dtype. The method's outcome for the group (its
+    the group's dense and fitted rows and masks; one batch's input to the group in the layer being fitted and in
+    the dense layer; block mode's copy of the layer in the compute dtype. The method's outcome for the group (its
     pruned rows and masks) is held meanwhile."""
     if run.reconstruct == "none":
         return 0

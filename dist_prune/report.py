@@ -345,7 +345,7 @@ def _reconstruction_text(report: dict) -> str:
     modules = [m for layer in layers for m in layer["modules"].values() if "reconstruction_error_after" in m]
     before = sum(m["reconstruction_error_before"] for m in modules) / len(modules)
     after = sum(m["reconstruction_error_after"] for m in modules) / len(modules)
-    return (f"Kept weights fitted after masking (`{p['reconstruct']}`, target `{p['reconstruct_target']}`, "
+    return (f"Kept weights fitted after masking (`{p['reconstruct']}`, "
             f"{p['reconstruct_iterations']} iterations, damping {p['reconstruct_damp']:g}). Relative output error "
             f"sum ||W'x - Wx_dense||^2 / sum ||Wx_dense||^2, mean over modules: {before:.4f} with the method's "
             f"weights, {after:.4f} fitted.")  # fmt: skip

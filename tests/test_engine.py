@@ -31,10 +31,10 @@ RUNS = {  # name -> prune settings; patterns need widths divisible by M (48 and 
     "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"},
     "gblm": {"method": "gblm"},
     # reconstruction fits the kept weights from fp64 sums over workers; OWL's layer sparsities from dense scores
-    "wanda-block-model": {"method": "wanda", "reconstruct": "block", "reconstruct_target": "model"},
+    "wanda-block": {"method": "wanda", "reconstruct": "block"},
     "sparsegpt-owl": {"method": "sparsegpt", "sparsity_profile": "owl", "owl_lambda": 0.05, "reconstruct": "linear"},
 }
-RECONSTRUCTED = ("wanda-block-model", "sparsegpt-owl")
+RECONSTRUCTED = ("wanda-block", "sparsegpt-owl")
 RESIDENCIES = ("stream", "resident")
 # Structured pruning on the same engine: sharded scores, a rebuilt smaller sharded model, sharded recovery.
 STRUCTURED = {name: {"method": name} for name in ("saap", "flap")}

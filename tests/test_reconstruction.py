@@ -121,7 +121,6 @@ def config(**prune):
         ({"method": "saap", "sparsity_profile": "owl"}, "allocates its own ratios"),
         ({"method": "flap", "reconstruct": "block"}, "removes whole heads and channels"),
         ({"method": "wanda", "reconstruct": "sometimes"}, "reconstruct must be one of none, linear, block"),
-        ({"method": "wanda", "reconstruct": "block", "reconstruct_target": "x"}, "reconstruct_target must be one of"),
         ({"method": "wanda", "sparsity": 0.95, "sparsity_profile": "owl"}, "owl_lambda 0.08 could take"),
         ({"method": "wanda", "reconstruct": "linear", "reconstruct_iterations": 0}, "reconstruct_iterations must be"),
     ],
@@ -141,7 +140,7 @@ def test_a_run_with_owl_and_block_reconstruction(tiny_llama, text_file, tmp_path
     cfg = build_config({
         "model": str(tiny_llama), "out": str(out),
         "prune": {"method": "wanda", "sparsity": 0.625, "sparsity_profile": "owl", "owl_lambda": 0.1,
-                  "reconstruct": "block", "reconstruct_target": "model"},
+                  "reconstruct": "block"},
         "calibration": {"nsamples": 4, "seqlen": 32, "calib_source": str(text_file), "batch_size": 2},
         "evaluation": {"eval_text": str(text_file), "eval_seqlen": 32, "eval_windows": 4},
         "runtime": {"threads": 1},

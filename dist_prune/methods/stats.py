@@ -88,7 +88,7 @@ def _fp32_product(a: Tensor, b: Tensor) -> Tensor:
 
 class CrossStatistics:
     """Reconstruction's sums for one input group (methods/reconstruction.py): H = sum x_p x_p^T of the pruned
-    layer's inputs, B = sum x_p x_d^T against the reference's (None while the two are the same tensors), and
+    layer's inputs, B = sum x_p x_d^T against the dense layer's (None while the two are the same), and
     each member's target energy sum ||W x_d||^2. fp64 accumulators of fp32 batch products, as above: the sums
     do not depend on how the batches were split between workers."""
 
