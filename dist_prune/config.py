@@ -80,8 +80,10 @@ class MethodConfig:
     in the layer as fitted so far: the attention's and the MLP's outputs fitted to the dense ones)."""
     reconstruct_damp: float = 0.01
     """Reconstruction: diagonal damping as a fraction of mean(diag(X X^T)), as SparseGPT's."""
-    reconstruct_iterations: int = 32
-    """Reconstruction: conjugate-gradient iterations of each row's least-squares fit."""
+    reconstruct_iterations: int = 8
+    """Reconstruction: conjugate-gradient iterations of each row's least-squares fit, from the method's weights
+    (fewer stop short of the calibration's exact fit: on SmolLM2, Wanda 50%, 8 gave perplexity 28.72 against
+    29.23 for 32, in half the time)."""
 
 
 @dataclass(frozen=True)
