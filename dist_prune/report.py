@@ -333,8 +333,8 @@ def _profile_text(report: dict) -> str:
         return ""
     s = profile["layer_sparsity"]
     return (f"Outlier-weighted layer sparsities (OWL): outliers are scores above {profile['owl_threshold']:g} x their "
-            f"layer's mean Wanda score; sparsities within ±{profile['owl_lambda']:g} of the target, from {min(s):.4f} "
-            f"to {max(s):.4f}, mean {sum(s) / len(s):.4f}.")  # fmt: skip
+            f"layer's mean Wanda score; lambda {profile['owl_lambda']:g} (the sparsities span at most 2 lambda): from "
+            f"{min(s):.4f} to {max(s):.4f}, mean {sum(s) / len(s):.4f}.")  # fmt: skip
 
 
 def _reconstruction_text(report: dict) -> str:
