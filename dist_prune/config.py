@@ -19,13 +19,13 @@ from typing import Any, get_type_hints
 import yaml
 
 from .errors import ConfigError, shown
-from .reconstruct import MODES as RECONSTRUCT_MODES
 from .registry import METHODS, method
 from .structured.allocation import ALLOCATIONS
 from .structured.importance import IMPORTANCES
 
 LAUNCHERS = ("local", "ray", "torchrun")
 SPARSITY_PROFILES = ("uniform", "owl")
+RECONSTRUCT_MODES = ("none", "linear", "block")
 RESIDENCIES = ("auto", "resident", "stream")
 ACTIVATION_STORAGES = ("auto", "memory", "disk")
 GRADIENT_DTYPES = ("fp32", "fp16")

@@ -32,8 +32,6 @@ from .methods.base import PruneOutcome
 from .methods.reconstruction import reconstruct_group
 from .methods.stats import CrossStatistics
 
-MODES = ("none", "linear", "block")
-
 
 class _Captured(Exception):
     """Raised by a hook once a forward has given what is wanted: the rest of the layer is not computed."""
@@ -60,14 +58,13 @@ class LayerReconstruction:
         before and after, sum ||W' x_p - W x_d||^2 / sum ||W x_d||^2 over all workers' calibration tokens."""
         stats = self._statistics(owner, list(members))
         all_reduce_sums(stats.tensors())
-        H, B = stats.rounded()
-        del stats.sum_xxt, stats.sum_cross
+        H, C = stats.rounded()
         fits = reconstruct_group(
             [m.weight for m in members.values()], [o.weight for o in outcomes.values()],
-            [o.mask for o in outcomes.values()], [m.first_row for m in members.values()], H, B, self.damp,
+            [o.mask for o in outcomes.values()], [m.first_row for m in members.values()], H, C, self.damp,
             self.iterations,
         )  # fmt: skip
-        del H, B
+        del H, C
         residuals = sum_across_workers([r for f in fits for r in (f.residual_before, f.residual_after)], self.device)
         fitted, errors = {}, {}
         for j, (name, outcome) in enumerate(outcomes.items()):

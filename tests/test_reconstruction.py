@@ -39,7 +39,7 @@ def test_the_fit_is_the_least_squares_solution_with_the_mask_kept(cross):
     X, W, mask = problem(12, 40)
     X_reference = X + 0.3 * torch.randn_like(X) if cross else X
     H, B = X.T @ X, X.T @ X_reference
-    fit = reconstruct_group([W], [W.masked_fill(mask, 0)], [mask], [0], H, B if cross else None, 0.01, 60)[0]
+    fit = reconstruct_group([W], [W.masked_fill(mask, 0)], [mask], [0], H, B.T if cross else None, 0.01, 60)[0]
     lam = 0.01 * float(H.diagonal().mean())
     assert torch.allclose(fit.weight.double(), exact_fit(W, mask, H, B, lam), rtol=1e-3, atol=1e-4)
     assert bool((fit.weight[mask] == 0).all())

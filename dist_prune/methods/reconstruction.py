@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .aligned import aligned_chunks, padded_chunk, stack_rows
+from .aligned import Placement, aligned_chunks, padded_chunk
 
 # Rows fitted together. Fixed (a row's rounding must not depend on its worker), and small enough that padding a
 # shard's partial chunk wastes little: SmolLM2's 576-row q_proj in chunks of 1024 did 1.8 times the work.
@@ -48,32 +48,39 @@ def reconstruct_group(
     masks: list[Tensor],
     first_rows: list[int],
     H: Tensor,
-    B: Tensor | None,
+    C: Tensor | None,
     damp: float,
     iterations: int,
 ) -> list[Fit]:
     """The matrices (out_j, in) that read one input: dense rows, the method's pruned rows (the start) and masks
-    (True where pruned: fixed), each a row block of a whole matrix from `first_rows[j]`. H, B: (in, in) fp32 sums as
-    above; B None means B = H (the Linears' inputs carry no error of this layer)."""
-    W, placements = stack_rows(dense, first_rows)
-    start, _ = stack_rows(pruned, first_rows)
-    kept = ~torch.cat(masks)
-    start.masked_fill_(~kept, 0.0)
+    (True where pruned: fixed), each a row block of a whole matrix from `first_rows[j]`. H and C = B^T =
+    sum x_d x_p^T: (in, in) fp32 sums; C None means C = H (the Linears' inputs carry no error of this layer). One matrix at a time (rows are
+    independent): a 13B gate/up pair stacked in fp32 with its start and mask would be 1.3 GB more."""
     H = H.float()
     lam = damp * float(H.diagonal().mean())
-    right = (H if B is None else B.float()).T.contiguous()  # b = W B^T, row by row B w
-    residuals = [[0.0, 0.0] for _ in placements]
-    for j, place in enumerate(placements):
-        for rows, at in aligned_chunks([place], FIT_CHUNK):
-            size = rows.stop - rows.start
-            w, x, k = (padded_chunk(t, rows, at, FIT_CHUNK) for t in (W, start, kept))
-            b = w @ right
-            solved = _conjugate_gradients(x, k, b + lam * w, H, lam, iterations)
-            before, after = (_residual(v, b, H)[at : at + size].sum() for v in (x, solved))
-            start[rows] = solved[at : at + size]
-            residuals[j][0] += float(before)
-            residuals[j][1] += float(after)
-    return [Fit(start[p.rows], *residuals[j]) for j, p in enumerate(placements)]
+    right = H if C is None else C.float()  # b = W C, row by row B w
+    return [
+        _fit_matrix(W, start, mask, first, H, right, lam, iterations)
+        for W, start, mask, first in zip(dense, pruned, masks, first_rows, strict=True)
+    ]
+
+
+def _fit_matrix(
+    dense: Tensor, pruned: Tensor, mask: Tensor, first_row: int, H: Tensor, right: Tensor, lam: float, iterations: int
+) -> Fit:
+    fitted = pruned.float().masked_fill(mask, 0.0)
+    kept = ~mask
+    before = after = 0.0
+    for rows, at in aligned_chunks([Placement(slice(0, dense.shape[0]), first_row)], FIT_CHUNK):
+        size = rows.stop - rows.start
+        w, x, k = (padded_chunk(t, rows, at, FIT_CHUNK) for t in (dense, fitted, kept))
+        w = w.float()
+        b = w @ right
+        solved = _conjugate_gradients(x, k, b + lam * w, H, lam, iterations)
+        before += float(_residual(x, b, H)[at : at + size].sum())
+        after += float(_residual(solved, b, H)[at : at + size].sum())
+        fitted[rows] = solved[at : at + size]
+    return Fit(fitted, before, after)
 
 
 def _conjugate_gradients(x: Tensor, kept: Tensor, b: Tensor, H: Tensor, lam: float, iterations: int) -> Tensor:

@@ -88,7 +88,7 @@ def _fp32_product(a: Tensor, b: Tensor) -> Tensor:
 
 class CrossStatistics:
     """Reconstruction's sums for one input group (methods/reconstruction.py): H = sum x_p x_p^T of the pruned
-    layer's inputs, B = sum x_p x_d^T against the dense layer's (None while the two are the same), and
+    layer's inputs, C = B^T = sum x_d x_p^T against the dense layer's (None while the two are the same), and
     each member's target energy sum ||W x_d||^2. fp64 accumulators of fp32 batch products, as above: the sums
     do not depend on how the batches were split between workers."""
 
@@ -105,10 +105,9 @@ class CrossStatistics:
         d = d if _tensor_core_product(d) else d.float()
         rows = max(1, PRODUCT_BLOCK_ELEMENTS[p.device.type] // p.shape[1])
         for start in range(0, p.shape[1], rows):
-            block = p[:, start : start + rows].T
-            self.sum_xxt[start : start + rows] += _fp32_product(block, p)
+            self.sum_xxt[start : start + rows] += _fp32_product(p[:, start : start + rows].T, p)
             if self.sum_cross is not None:
-                self.sum_cross[start : start + rows] += _fp32_product(block, d)
+                self.sum_cross[start : start + rows] += _fp32_product(d[:, start : start + rows].T, p)
         for j, y in enumerate(outputs):
             self.energy[j] += y.float().square().sum()
 
@@ -117,5 +116,10 @@ class CrossStatistics:
         return [t for t in (self.sum_xxt, self.sum_cross, self.energy) if t is not None]
 
     def rounded(self) -> tuple[Tensor, Tensor | None]:
-        """Once every batch and worker is in: H and B in fp32 (B None: the same as H)."""
-        return self.sum_xxt.float(), None if self.sum_cross is None else self.sum_cross.float()
+        """Once every batch and worker is in: H and C in fp32 (C None: H), each fp64 sum dropped as soon as it
+        is rounded (the statistics hold only the energies after)."""
+        H = self.sum_xxt.float()
+        self.sum_xxt = None
+        C = None if self.sum_cross is None else self.sum_cross.float()
+        self.sum_cross = None
+        return H, C
