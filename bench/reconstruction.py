@@ -7,6 +7,10 @@ Cost: the layer loop's seconds from each run's report, reconstructed beside not.
 `reconstruction` section of bench/RESULTS.md.
 
     python bench/reconstruction.py [--nsamples 32] [--modes linear] [--only 50%,2:4,70%]
+    python bench/reconstruction.py --nsamples 128 --modes block --rows wanda/50%/block --section NAME
+
+`--rows` keeps only the named rows (method/pattern/variant), in the order given; `--section` names the
+section of bench/RESULTS.md written (a run of a few rows beside the full table).
 """
 
 import argparse
@@ -37,6 +41,12 @@ def rows_to_run(args) -> list[tuple[str, str, str, list[str]]]:
             rows.append(
                 (method, "70%", f"OWL + {mode}", ["--sparsity-profile", "owl", *args.owl, "--reconstruct", mode])
             )
+    if args.rows:
+        named = {"/".join(row[:3]): row for row in rows}
+        missing = [name for name in args.rows if name not in named]
+        if missing:
+            sys.exit(f"--rows: no such row {missing}; the rows are {sorted(named)}")
+        rows = [named[name] for name in args.rows]
     return rows
 
 
@@ -67,10 +77,12 @@ def run(args, publish) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     gradients = out / "gradients.safetensors"
-    run_child(["grad", "--model", "smollm2-135m", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--seed", "0", "--out", str(gradients)])  # fmt: skip
+    to_run = rows_to_run(args)
+    if any(method == "gblm" for method, *_ in to_run):
+        run_child(["grad", "--model", "smollm2-135m", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                   "--seed", "0", "--out", str(gradients)])  # fmt: skip
     rows = []
-    for method, pattern, variant, extra in rows_to_run(args):
+    for method, pattern, variant, extra in to_run:
         rows.append({"method": method, "pattern": pattern, "variant": variant,
                      **prune(args, out, gradients, method, pattern, extra)})  # fmt: skip
         print(rows[-1], flush=True)
@@ -80,7 +92,7 @@ def run(args, publish) -> None:
 def render(rows: list[dict], args, command: str) -> str:
     dense = rows[0]["dense"]
     lines = [
-        "## Reconstruction and OWL: SmolLM2-135M (real weights), one in-process worker",
+        f"## Reconstruction and OWL: SmolLM2-135M (real weights), {args.nsamples} x {args.seqlen} calibration, one in-process worker",
         "",
         f"Machine: {machine_line()}.",
         f"Command: `{command}`. Calibration {args.nsamples} x {args.seqlen} tokens of the Wikipedia calibration "
@@ -122,13 +134,16 @@ def main() -> None:
     parser.add_argument("--only", default="50%,2:4,70%", help="which sparsities to run, comma-separated")
     parser.add_argument("--owl-threshold", default="5")
     parser.add_argument("--owl-lambda", default="0.08")
+    parser.add_argument("--rows", default="", help="only these rows, comma-separated method/pattern/variant")
+    parser.add_argument("--section", default="reconstruction", help="the section of bench/RESULTS.md to write")
     parser.add_argument("--workdir", default="bench/out/reconstruction")
     args = parser.parse_args()
     args.modes, args.only = args.modes.split(","), args.only.split(",")
+    args.rows = [name for name in args.rows.split(",") if name]
     args.owl = ["--owl-threshold", args.owl_threshold, "--owl-lambda", args.owl_lambda]
     args.owl_text = f"M = {args.owl_threshold}, lambda = {args.owl_lambda}"
     command = ("python bench/reconstruction.py " + " ".join(sys.argv[1:])).strip()
-    run(args, lambda rows: write_section("reconstruction", render(rows, args, command)))
+    run(args, lambda rows: write_section(args.section, render(rows, args, command)))
 
 
 if __name__ == "__main__":

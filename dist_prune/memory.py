@@ -423,18 +423,19 @@ def _layer_loop(run: _Run) -> int:
 
 
 def _reconstruction(run: _Run) -> int:
-    """Fitting one input group (reconstruct.py): its X X^T and cross sums in fp64 while collected, then in fp32;
-    the group's dense and fitted rows and masks; one batch's input to the group in the layer being fitted and in
-    the dense layer; block mode's copy of the layer in the compute dtype. The method's outcome for the group (its
-    pruned rows and masks) is held meanwhile."""
+    """Fitting one input group (reconstruct.py, methods/reconstruction.py): its X X^T sum in fp64 and, in block
+    mode, the cross sum too, each widened-then-rounded to fp32 in turn; the method's outcome for the group (its
+    pruned rows and masks, held meanwhile) and the group's fitted rows, one matrix at a time; one batch's input
+    to the group in the layer being fitted and in the dense layer; block mode's copy of the layer."""
     if run.reconstruct == "none":
         return 0
     shape = run.shape
     square = max(shape.input_widths) ** 2
-    sums = 2 * square * (FP64 + FP32)
-    rows = run.own_rows(2 * shape.widest_matrix, 3 * FP32 + 2 * BOOL)
+    block = run.reconstruct == "block"
+    sums = square * (2 * FP64 + FP32 if block else FP64 + FP32)
+    rows = run.own_rows(2 * shape.widest_matrix, 2 * FP32 + BOOL) + run.own_rows(shape.widest_matrix, BOOL)
     captured = 2 * run.batch * run.seqlen * max(shape.input_widths) * (run.compute + FP32)
-    copy = shape.layer_params * run.compute if run.reconstruct == "block" else 0
+    copy = shape.layer_params * run.compute if block else 0
     return sums + rows + captured + copy
 
 
