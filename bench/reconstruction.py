@@ -92,7 +92,8 @@ def run(args, publish) -> None:
 def render(rows: list[dict], args, command: str) -> str:
     dense = rows[0]["dense"]
     lines = [
-        f"## Reconstruction and OWL: SmolLM2-135M (real weights), {args.nsamples} x {args.seqlen} calibration, one in-process worker",
+        f"## Reconstruction and OWL: SmolLM2-135M (real weights), {args.nsamples} x {args.seqlen} calibration, "
+        "one in-process worker",
         "",
         f"Machine: {machine_line()}.",
         f"Command: `{command}`. Calibration {args.nsamples} x {args.seqlen} tokens of the Wikipedia calibration "

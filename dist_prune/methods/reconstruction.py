@@ -15,7 +15,7 @@ pruned inputs would have given.
 
 The systems are solved by conjugate gradients preconditioned by diag(H), a fixed number of iterations, all rows
 of a chunk together (one matrix product per iteration), starting from the method's own pruned weights. Every
-product has ROW_CHUNK rows aligned with the whole matrix (aligned.py) and every other operation is row-wise, so
+product has FIT_CHUNK rows aligned with the whole matrix (aligned.py) and every other operation is row-wise, so
 a row's result does not depend on which worker holds it or with which other rows. Factorising each row's own
 H_KK exactly would cost rows x |K|^3 (a 70B down_proj: 8192 factorisations of 14336 x 14336).
 """
@@ -54,8 +54,9 @@ def reconstruct_group(
 ) -> list[Fit]:
     """The matrices (out_j, in) that read one input: dense rows, the method's pruned rows (the start) and masks
     (True where pruned: fixed), each a row block of a whole matrix from `first_rows[j]`. H and C = B^T =
-    sum x_d x_p^T: (in, in) fp32 sums; C None means C = H (the Linears' inputs carry no error of this layer). One matrix at a time (rows are
-    independent): a 13B gate/up pair stacked in fp32 with its start and mask would be 1.3 GB more."""
+    sum x_d x_p^T: (in, in) fp32 sums; C None means C = H (the Linears' inputs carry no error of this layer).
+    One matrix at a time (rows are independent): a 13B gate/up pair stacked in fp32 with its start and mask
+    would be 1.3 GB more."""
     H = H.float()
     lam = damp * float(H.diagonal().mean())
     right = H if C is None else C.float()  # b = W C, row by row B w
