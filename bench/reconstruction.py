@@ -1,4 +1,5 @@
-"""Reconstruction and OWL layer sparsities on the real SmolLM2-135M: perplexity and the layer loop's cost.
+"""Reconstruction and OWL layer sparsities on a real model (SmolLM2-135M unless `--model`): perplexity and the
+layer loop's cost.
 
 In one run, on bench/quality.py's tokens (calibration windows of 512 tokens, 32 x 512 evaluation tokens):
 SparseGPT, Wanda and GBLM at 50% and 2:4, each without and with `--reconstruct`; Wanda and GBLM at 70% with
@@ -54,7 +55,7 @@ def prune(args, out: Path, gradients: Path, method: str, pattern: str, extra: li
     target = out / "run"
     flags = ["--gradients", str(gradients)] if method == "gblm" else []
     wall, rss = run_child([
-        "prune", "--model", "smollm2-135m", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+        "prune", "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--seed", "0", "--eval-windows", str(args.eval_windows), "--eval-seqlen", "512", "--out", str(target),
         "--overwrite", "--method", method, *PATTERN_FLAGS[pattern], *flags, *extra,
     ])  # fmt: skip
@@ -79,7 +80,7 @@ def run(args, publish) -> None:
     gradients = out / "gradients.safetensors"
     to_run = rows_to_run(args)
     if any(method == "gblm" for method, *_ in to_run):
-        run_child(["grad", "--model", "smollm2-135m", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+        run_child(["grad", "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                    "--seed", "0", "--out", str(gradients)])  # fmt: skip
     rows = []
     for method, pattern, variant, extra in to_run:
@@ -92,7 +93,7 @@ def run(args, publish) -> None:
 def render(rows: list[dict], args, command: str) -> str:
     dense = rows[0]["dense"]
     lines = [
-        f"## Reconstruction and OWL: SmolLM2-135M (real weights), {args.nsamples} x {args.seqlen} calibration, "
+        f"## Reconstruction and OWL: {args.model} (real weights), {args.nsamples} x {args.seqlen} calibration, "
         "one in-process worker",
         "",
         f"Machine: {machine_line()}.",
@@ -101,7 +102,9 @@ def render(rows: list[dict], args, command: str) -> str:
         "All rows measured in this one run. `linear`: each Linear's kept weights fitted on its inputs in the dense "
         "layer; `block`: the input groups in order on the layer as fitted so far (o_proj and down_proj take up the "
         "error of the Linears before them). Errors: relative output error of the Linears, mean over modules, with "
-        "the method's weights and fitted. Layer loop: seconds of the layer loop; reconstruction: its part of them.",
+        "the method's weights and fitted. Layer loop: seconds of the layer loop; reconstruction: its part of them "
+        "(the fits, and block mode's forwards; linear mode's X X^T sums are made in the loop's statistics "
+        "forward, so they count in the loop only).",
         "",
         "| method | pattern | variant | perplexity | vs dense | error before / after | layer loop s | "
         "of which reconstruction s | loop vs no fit | peak RSS MiB |",
@@ -128,6 +131,11 @@ def render(rows: list[dict], args, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a cached asset name (gemma3-270m: `dist-prune assets --gemma3`) or a checkpoint folder",
+    )
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)

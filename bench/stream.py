@@ -46,17 +46,23 @@ CORES = os.cpu_count() or 1
 SHAPES = {
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                 num_key_value_heads=40, vocab_size=49152, max_position_embeddings=4096),
+    # 13B's layers, only two of them: a layer's memory and time in minutes (reconstruction's rows)
+    "13b-2-layers": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=2, num_attention_heads=40,
+                         num_key_value_heads=40, vocab_size=49152, max_position_embeddings=4096),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096),
 }  # fmt: skip
 # ~5 GB shards, as transformers writes them; the small shape gets several tiny shards to exercise the index.
-SHARD_BYTES = {"13b": 5 * 10**9, "small": 8 * 10**6}
-SHAPE_NAMES = {"13b": "a LLaMA-2-13B-shaped", "small": "a small LLaMA-shaped (testing this script)"}
+SHARD_BYTES = {"13b": 5 * 10**9, "13b-2-layers": 5 * 10**9, "small": 8 * 10**6}
+SHAPE_NAMES = {"13b": "a LLaMA-2-13B-shaped", "13b-2-layers": "a LLaMA-2-13B-shaped (two of its layers)",
+               "small": "a small LLaMA-shaped (testing this script)"}  # fmt: skip
 INIT_STD = 0.02  # LLaMA's initializer_range: matrices ~ N(0, 0.02), RMSNorm weights 1
 BIG_RUNS = {  # name -> settings (config field names; every field is a CLI flag)
     "wanda": dict(method="wanda", sparsity=0.5),
     "sparsegpt": dict(method="sparsegpt", pattern="2:4"),
     "gblm": dict(method="gblm", sparsity=0.5, gradient_dtype="fp16"),
+    "wanda-linear": dict(method="wanda", sparsity=0.5, reconstruct="linear"),
+    "wanda-block": dict(method="wanda", sparsity=0.5, reconstruct="block"),
 }
 RSS_TARGET = 6 * GiB
 PLAN_TOLERANCE = 0.15
@@ -132,14 +138,31 @@ def obs_flops(shape: Shape) -> float:
     return sum(4 / 3 * inp**3 + out * inp**2 for out, inp in shape.matrices)
 
 
-def layer_loop_flops(shape: Shape, method: str, sequences: int, seqlen: int, eval_windows: int, eval_seqlen: int):
+def reconstruction_flops(shape: Shape, settings: dict, tokens: int) -> float:
+    """Per layer, `--reconstruct`: each matrix's fit, iterations + 3 products (rows x in) @ (in x in)
+    (methods/reconstruction.py); linear mode's X^T X (SparseGPT's Hessians: counted once); block mode's X^T X
+    and cross sums per group and its partial forwards, dense and fitted, up to o, gate/up and down (about
+    three layer forwards)."""
+    mode = settings.get("reconstruct", "none")
+    if mode == "none":
+        return 0.0
+    fits = sum(2 * out * inp**2 * (settings.get("reconstruct_iterations", 8) + 3) for out, inp in shape.matrices)
+    if mode == "linear":
+        return fits + (hessian_flops(shape, tokens) if settings["method"] != "sparsegpt" else 0.0)
+    return fits + 2 * hessian_flops(shape, tokens) + 3 * layer_forward_flops(shape, tokens, 1)
+
+
+def layer_loop_flops(shape: Shape, settings: dict, eval_windows: int, eval_seqlen: int):
     """Per layer: the statistics forward and the forward through the pruned layer (the next layer's inputs), the
-    dense and the pruned evaluation states (when evaluating), and SparseGPT's Hessians and OBS work."""
+    dense and the pruned evaluation states (when evaluating), SparseGPT's Hessians and OBS work, and
+    reconstruction's."""
+    sequences, seqlen = settings["nsamples"], settings["seqlen"]
     per_layer = 2 * layer_forward_flops(shape, sequences, seqlen) + 2 * layer_forward_flops(
         shape, eval_windows, eval_seqlen
     )
-    if method == "sparsegpt":
+    if settings["method"] == "sparsegpt":
         per_layer += hessian_flops(shape, sequences * seqlen) + obs_flops(shape)
+    per_layer += reconstruction_flops(shape, settings, sequences * seqlen)
     return shape.layers * per_layer
 
 
@@ -150,7 +173,7 @@ def run_flops(shape: Shape, settings: dict) -> dict[str, float]:
     windows = settings.get("eval_windows", 0) if settings.get("eval_after", True) else 0
     eval_seqlen = settings.get("eval_seqlen", 512)
     gradients = gradient_pass_flops(shape, n, s) if settings["method"] == "gblm" else 0.0
-    layers = layer_loop_flops(shape, settings["method"], n, s, windows, eval_seqlen)
+    layers = layer_loop_flops(shape, settings, windows, eval_seqlen)
     evaluation_head = 2 * head_flops(shape, windows * eval_seqlen)
     return dict(gradients=gradients, layers=layers, total=gradients + layers + evaluation_head)
 
@@ -388,7 +411,9 @@ def big_part(args: argparse.Namespace, command: str) -> None:
         rows.append(_big_row(name, settings, result, plan, shape))
         print(rows[-1], flush=True)
         # Publish after every run, so that a long benchmark leaves what it has measured.
-        write_section("stream-13b", render_big(rows, args, command, checkpoint, built, max(rates)), args.results)
+        write_section(
+            f"stream-{args.shape}", render_big(rows, args, command, checkpoint, built, max(rates)), args.results
+        )
     if not args.keep:
         shutil.rmtree(model)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -456,7 +481,10 @@ def render_big(rows: list[dict], args, command: str, checkpoint: int, built: dic
             f"{r['plan'] / r['rss']:.2f} | {r['scratch_peak'] / GiB:.2f} ({r['plan_scratch'] / GiB:.2f}) | "
             f"{r['out_bytes'] / 1e9:.1f} | {r['flops'] / 1e12:.3g} | {floor:.3g} | {r['wall'] / floor:.1f}x |"
         )
-    return "\n".join(lines + [""] + _big_verdicts(rows, checkpoint)) + "\n"
+    # two of 13B's layers are held to the whole 13B checkpoint's quarter: a layer's memory does not depend on
+    # how many there are
+    whole = 2 * Shape.from_config(SHAPES["13b"]).total_params if args.shape == "13b-2-layers" else checkpoint
+    return "\n".join(lines + [""] + _big_verdicts(rows, whole)) + "\n"
 
 
 def _big_verdicts(rows: list[dict], checkpoint: int) -> list[str]:

@@ -50,7 +50,7 @@ from .precision import compute_dtype
 from .progress import PhaseClock, Progress, rounded
 from .provenance import ReadRecord
 from .reconstruct import LayerReconstruction
-from .registry import method
+from .registry import layer_statistics, method, runs_calibration
 from .report import LayerEntry, ModuleEntry, build_report, phase_report
 from .resolved import Resolved
 from .safe_io import read_json, resolved, write_text
@@ -75,8 +75,8 @@ class Run:
         self.family, self.method, self.nm = resolved.family, resolved.method, resolved.nm
         self.reconstructs = config.prune.reconstruct != "none"
         self.profile: SparsityProfile | None = None  # per-layer sparsities (OWL), found before the layer loop
-        owl = config.prune.sparsity_profile != "uniform"
-        self.calibrates = bool(self.method.statistics) or self.reconstructs or owl  # calibration through the layers
+        self.statistics = layer_statistics(self.method, config.prune)
+        self.calibrates = runs_calibration(self.method, config.prune)
         self.model_config = self.info.transformers_config()
         self.dtype = compute_dtype(workers.device, self.info.weight_dtype)
         self.clock = PhaseClock(workers.device)  # the layer loop's phases
@@ -290,9 +290,9 @@ def _prune_layer(run: Run, layer, index: int, calibration, gradient_rows: dict) 
     """This layer's statistics (summed over workers), then score and mask (and reconstruct); the state to write
     and notes."""
     stats, clock = {}, run.clock
-    if run.method.statistics:
+    if run.statistics:
         with clock("forward"):
-            stats = collect_input_statistics(layer, calibration, run.method.statistics == "hessian", clock)
+            stats = collect_input_statistics(layer, calibration, run.statistics == "hessian", clock)
         with clock("statistics"):
             all_reduce_layer_statistics(stats)
             _finite({f"layer {index} {name}": group.sum_sq for name, group in stats.items()}, "the input statistics of")
@@ -345,11 +345,12 @@ def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[st
             )  # fmt: skip
         # A group's statistics go once it is pruned: SparseGPT's X X^T of q/k/v, o and gate/up (315 MB at 13B)
         # are not held while down_proj's Hessian is inverted.
-        outcomes = run.method.prune(members, p, stats.pop(owner, None), run.nm)
+        group_stats = stats.pop(owner, None)
+        outcomes = run.method.prune(members, p, group_stats, run.nm)
         errors = {}
         if fitting is not None:
             with run.clock("reconstruction"):
-                outcomes, errors = fitting.fit(owner, members, outcomes)
+                outcomes, errors = fitting.fit(owner, members, outcomes, group_stats)
         for name, outcome in outcomes.items():
             rows = layer.get_submodule(name).weight.shape[0]
             # Round to the saved dtype now, so the next layer calibrates on exactly the weights we write.
@@ -357,7 +358,7 @@ def _prune_rows(run: Run, layer, index: int, stats: dict, gradient_rows: dict[st
             notes[name] = {**_notes(outcome, w.device), **errors.get(name, {})}
             if fitting is not None:
                 fitting.use(name, full)
-        del members, outcomes
+        del members, outcomes, group_stats
     return pruned, notes
 
 

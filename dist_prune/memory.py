@@ -23,7 +23,7 @@ from .errors import CheckpointError, ConfigError
 from .methods.stats import PRODUCT_BLOCK_ELEMENTS
 from .models import family_of, head_dim
 from .precision import compute_bytes
-from .registry import Method, method
+from .registry import Method, layer_statistics, method, runs_calibration
 from .structured.importance import IMPORTANCES
 from .zero import is_zero_checkpoint
 
@@ -180,6 +180,7 @@ class _Run:
     gradient: int  # bytes per value of the gradient rows kept in the scratch directory
     gradient_pass: bool
     reconstruct: str  # "none", "linear" or "block" (reconstruct.py)
+    statistics: str | None  # what the layer loop collects of each Linear's input (registry.layer_statistics)
 
     @property
     def layer(self) -> int:
@@ -274,8 +275,7 @@ def _run(config: PruneConfig, model_config: dict, read_extra: int = 0) -> _Run:
     needs, device = method(config.prune.method), compute_device(config)
     stored = dtype_bytes(model_config)
     p = config.prune
-    calibrates = needs.statistics or p.reconstruct != "none" or p.sparsity_profile != "uniform"
-    sequences = worker_sequences(c.nsamples, c.batch_size, w) if calibrates else 0
+    sequences = worker_sequences(c.nsamples, c.batch_size, w) if runs_calibration(needs, p) else 0
     eval_windows = math.ceil((e.eval_windows or DEFAULT_EVAL_WINDOWS) / w) if e.eval_after else 0
     return _Run(
         shape=ModelShape.from_config(model_config),
@@ -293,6 +293,7 @@ def _run(config: PruneConfig, model_config: dict, read_extra: int = 0) -> _Run:
         gradient=GRADIENT_BYTES[config.prune.gradient_dtype],
         gradient_pass=needs.gradients and not config.prune.gradients,
         reconstruct=p.reconstruct,
+        statistics=layer_statistics(needs, p),
     )
 
 
@@ -415,53 +416,62 @@ def _layer_loop(run: _Run) -> int:
     boundaries = 2 * (run.hidden_states + run.eval_hidden_states)
     tokens = max(run.batch * run.seqlen, EVAL_BATCH * run.eval_seqlen if run.eval_windows else 0)
     activations = tokens * (4 * shape.hidden + 3 * shape.mlp) * run.compute
-    if run.method.statistics == "hessian":  # SparseGPT's phases count their own matrices (_statistics)
-        return run.layer + boundaries + activations + _statistics(run) + _reconstruction(run)
-    masks = 3 * run.own_rows(shape.widest_matrix, FP32)
-    gathered = shape.widest_matrix * (run.compute + run.read_extra)
-    return run.layer + boundaries + activations + _statistics(run) + max(masks + gathered, _reconstruction(run))
+    if run.method.statistics == "hessian":  # SparseGPT's OBS: its stack of rows and their masks
+        pruning = run.own_rows(2 * shape.widest_matrix, FP32 + BOOL)
+    else:  # scores and masks of this worker's rows of the widest matrix, then the whole pruned matrix gathered
+        pruning = 3 * run.own_rows(shape.widest_matrix, FP32) + shape.widest_matrix * (run.compute + run.read_extra)
+    step = max(pruning, _reconstruction(run))  # a group is fitted once its masks are chosen
+    if run.statistics == "hessian":  # the Hessians' phases count the step with them (_hessians)
+        return run.layer + boundaries + activations + _hessians(run, step)
+    return run.layer + boundaries + activations + _statistics(run) + step
 
 
 def _reconstruction(run: _Run) -> int:
-    """Fitting one input group (reconstruct.py, methods/reconstruction.py): its X X^T sum in fp64 and, in block
-    mode, the cross sum too, each widened-then-rounded to fp32 in turn; the method's outcome for the group (its
-    pruned rows and masks, held meanwhile) and the group's fitted rows, one matrix at a time; one batch's input
-    to the group in the layer being fitted and in the dense layer; block mode's copy of the layer."""
+    """Fitting one input group (reconstruct.py, methods/reconstruction.py): the method's outcome for the group
+    (its pruned rows and masks, held meanwhile) and the group's fitted rows, one matrix at a time. Linear mode
+    fits on the layer's Hessians (_hessians counts them). Block mode collects its own sums: X X^T in fp64 and
+    the cross sum, each rounded to fp32 in turn, from one batch's input to the group in the layer being fitted
+    and in the dense layer, whose fitted Linears convert their stored weights one at a time."""
     if run.reconstruct == "none":
         return 0
     shape = run.shape
-    square = max(shape.input_widths) ** 2
-    block = run.reconstruct == "block"
-    sums = square * (2 * FP64 + FP32 if block else FP64 + FP32)
     rows = run.own_rows(2 * shape.widest_matrix, 2 * FP32 + BOOL) + run.own_rows(shape.widest_matrix, BOOL)
+    if run.reconstruct == "linear":
+        return rows
+    sums = max(shape.input_widths) ** 2 * (2 * FP64 + FP32)
     captured = 2 * run.batch * run.seqlen * max(shape.input_widths) * (run.compute + FP32)
-    copy = shape.layer_params * run.compute if block else 0
-    return sums + rows + captured + copy
+    converted = shape.widest_matrix * run.compute
+    return sums + rows + captured + converted
 
 
 def _statistics(run: _Run) -> int:
-    """What scoring needs beyond the layer. Wanda's and GBLM's per-column sums of x^2 are negligible."""
-    shape = run.shape
-    if run.method.statistics == "hessian":
-        widths = [width * width for width in shape.input_widths]  # elements of each group's X X^T
-        # Collecting: X X^T per input group in fp64, plus one block of one batch's product (fp32 and widened).
-        collecting = sum(widths) * FP64 + PRODUCT_BLOCK_ELEMENTS[run.device] * (FP32 + FP64)
-        # Rounding, group by group (InputStatistics.round_once): groups before in fp32, this one in fp64 and
-        # fp32 side by side, groups after still fp64.
-        rounding = max(
-            sum(widths[:g]) * FP32 + widths[g] * (FP64 + FP32) + sum(widths[g + 1 :]) * FP64 for g in range(len(widths))
-        )
-        # Pruning, group by group in order: the Hessians of the groups not yet done (job._prune_rows drops each
-        # group's); two factors of this group's at a time while H^-1's Cholesky factor is made
-        # (methods/sparsegpt.py); the fp32 stack of this worker's rows of the group (gate and up together)
-        # that OBS updates in place, and its mask. The pruned matrices already gathered are in run.layer's
-        # stored copy (the layer as read is gone).
-        pruning = max((sum(widths[g:]) + 2 * widths[g]) * FP32 for g in range(len(widths)))
-        return max(collecting, rounding, pruning + run.own_rows(2 * shape.widest_matrix, FP32 + BOOL))
+    """What scoring needs beyond the layer, without Hessians. Wanda's and GBLM's per-column sums of x^2 are
+    negligible."""
     if run.method.gradients:
         # this layer's gradient rows as kept, and one matrix's widened to fp32 and its gradient term
+        shape = run.shape
         return run.own_rows(shape.layer_linear_params, run.gradient) + 2 * run.own_rows(shape.widest_matrix, FP32)
     return 0
+
+
+def _hessians(run: _Run, step: int) -> int:
+    """The Hessians' phases (SparseGPT's, or the layer's for linear reconstruction), with the pruning `step`."""
+    widths = [width * width for width in run.shape.input_widths]  # elements of each group's X X^T
+    # Collecting: X X^T per input group in fp64, plus one block of one batch's product (fp32 and widened).
+    collecting = sum(widths) * FP64 + PRODUCT_BLOCK_ELEMENTS[run.device] * (FP32 + FP64)
+    # Rounding, group by group (InputStatistics.round_once): groups before in fp32, this one in fp64 and
+    # fp32 side by side, groups after still fp64.
+    rounding = max(
+        sum(widths[:g]) * FP32 + widths[g] * (FP64 + FP32) + sum(widths[g + 1 :]) * FP64 for g in range(len(widths))
+    )
+    # Pruning, group by group in order: the Hessians of the groups not yet done (job._prune_rows drops each
+    # group's); SparseGPT's two factors of this group's at a time while H^-1's Cholesky factor is made
+    # (methods/sparsegpt.py), then the step (its OBS stack, a method's masks or a fit). The pruned matrices
+    # already gathered are in run.layer's stored copy (the layer as read is gone).
+    factors = 2 if run.method.statistics == "hessian" else 0
+    pruning = max((sum(widths[g:]) + factors * widths[g]) * FP32 for g in range(len(widths)))
+    gradients = _statistics(run)
+    return max(collecting + gradients, rounding + gradients, pruning + gradients + step)
 
 
 def _layerwise_gradient_pass(run: _Run) -> int:

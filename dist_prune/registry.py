@@ -15,4 +15,16 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "StructuredDefaults", "method"]
+def layer_statistics(needs: Method, prune) -> str | None:
+    """What the layer loop collects of each Linear's input (config.MethodConfig `prune`): the method's own, or
+    X X^T for every method when each Linear is reconstructed on its dense inputs (reconstruct.py fits on the
+    Hessian the same forward gives, so the fit costs no forward of its own)."""
+    return "hessian" if prune.reconstruct == "linear" else needs.statistics
+
+
+def runs_calibration(needs: Method, prune) -> bool:
+    """Whether calibration sequences go through the layers: for statistics, a reconstruction or OWL's pre-pass."""
+    return bool(layer_statistics(needs, prune)) or prune.reconstruct != "none" or prune.sparsity_profile != "uniform"
+
+
+__all__ = ["METHODS", "Method", "StructuredDefaults", "layer_statistics", "method", "runs_calibration"]

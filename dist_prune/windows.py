@@ -17,7 +17,7 @@ from .data import (
     tokenize,
 )
 from .progress import Progress
-from .registry import method
+from .registry import method, runs_calibration
 
 
 class TokenWindows(NamedTuple):
@@ -32,7 +32,7 @@ def token_windows(config: PruneConfig, info: CheckpointInfo, progress: Progress)
     with progress.phase("tokenize"):
         tokenizer = load_tokenizer(info.model_files)
         calibration = recovery = evaluation = None
-        if m.statistics or m.gradients or m.structured:
+        if runs_calibration(m, config.prune) or m.gradients or m.structured:
             stream = calibration_stream_checked(config, tokenizer, info)
             calibration = calibration_windows(config, stream)
             if m.structured and config.structured.recover_steps:

@@ -131,6 +131,23 @@ def test_a_bf16_checkpoint_prunes_in_bf16_on_cuda(bf16_llama, text_file, tmp_pat
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode", ["linear", "block"])
+def test_reconstruction_and_owl_on_cuda_agree_with_the_cpu(fp32_llama, bf16_llama, text_file, tmp_path, mode):
+    """The fit's sums and CG on the GPU give the CPU's perplexity within 1% (fp32); in bf16 (the tensor-core
+    sums, block mode's fitted Linears reading bf16 matrices) every Linear's output error goes down."""
+    extra = ("--reconstruct", mode, "--sparsity", "0.625", "--sparsity-profile", "owl", "--owl-lambda", "0.1")
+    outs = {device: tmp_path / device for device in ("cpu", "cuda")}
+    for device, out in outs.items():
+        assert main(prune_args(fp32_llama, out, text_file, device, "wanda", *extra)) == 0
+    cpu, cuda = report(outs["cpu"]), report(outs["cuda"])
+    assert cuda["sparsity_profile"]["layer_sparsity"] == cpu["sparsity_profile"]["layer_sparsity"]
+    assert cuda["perplexity"]["pruned"] == pytest.approx(cpu["perplexity"]["pruned"], rel=PERPLEXITY_RTOL)
+    half = tmp_path / "bf16"
+    assert main(prune_args(bf16_llama, half, text_file, "cuda", "wanda", *extra)) == 0
+    modules = [m for layer in report(half)["layers"] for m in layer["modules"].values()]
+    assert all(m["reconstruction_error_after"] < m["reconstruction_error_before"] for m in modules)
+
+
 def test_gblm_stores_layer_inputs_on_disk_or_in_memory_alike_on_cuda(fp32_llama, text_file, tmp_path):
     outs = {}
     for storage in ("memory", "disk"):

@@ -49,6 +49,8 @@ def test_the_fit_is_the_least_squares_solution_with_the_mask_kept(cross):
         direct = float((X @ weight.T - X_reference @ W.T).square().sum())
         assert residual + energy == pytest.approx(direct, rel=1e-3)
     assert fit.residual_after < fit.residual_before
+    # without a cross term the fit gives the energy itself (tr W H W^T); with one it comes from the outputs
+    assert fit.energy is None if cross else fit.energy == pytest.approx(energy, rel=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [128, 3])
@@ -78,6 +80,24 @@ def test_a_group_fits_each_member_as_alone():
     for fit, rows in zip(together, (top, bottom), strict=True):
         alone = reconstruct_group([W[rows]], [W[rows] * ~mask[rows]], [mask[rows]], [0], H, None, 0.01, 20)[0]
         assert torch.equal(fit.weight, alone.weight)
+
+
+def test_block_mode_runs_the_layer_on_the_written_weights_and_leaves_it_as_it_was():
+    from dist_prune.reconstruct import _reading
+
+    layer = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    own, x = layer[0].weight, torch.randn(3, 6)
+    before = own.detach().clone()
+    written = torch.randn(5, 6).to(torch.bfloat16)  # as written: the checkpoint's dtype
+    with torch.no_grad(), _reading(layer, {"0": written}):
+        inside = layer(x)
+    expected = layer[2](torch.relu(x @ written.float().T + layer[0].bias))
+    assert torch.allclose(inside, expected)
+    assert (
+        layer[0].weight is own
+        and torch.equal(own, before)
+        and dict(layer.named_parameters()).keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    )
 
 
 # ---- OWL ----
@@ -130,7 +150,28 @@ def test_settings_that_cannot_work_are_refused(prune, message):
         validate(config(**prune))
 
 
-# ---- one run on a tiny model ----
+# ---- runs on a tiny model ----
+
+
+def test_linear_reconstruction_fits_on_the_statistics_forward(tiny_llama, text_file, tmp_path, monkeypatch):
+    """Linear mode needs no forward of its own, for any method (magnitude collects nothing else)."""
+    from dist_prune import prune
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("linear reconstruction ran the layer again")
+
+    monkeypatch.setattr("dist_prune.reconstruct._group_input", no_forward)
+    out = tmp_path / "out"
+    cfg = build_config({
+        "model": str(tiny_llama), "out": str(out), "prune": {"method": "magnitude", "reconstruct": "linear"},
+        "calibration": {"nsamples": 4, "seqlen": 32, "calib_source": str(text_file), "batch_size": 2},
+        "evaluation": {"eval_text": str(text_file), "eval_seqlen": 32, "eval_windows": 4},
+        "runtime": {"threads": 1},
+    })  # fmt: skip
+    prune(cfg)
+    report = json.loads((out / "prune_report.json").read_text())
+    modules = [module for layer in report["layers"] for module in layer["modules"].values()]
+    assert all(0 <= m["reconstruction_error_after"] < m["reconstruction_error_before"] for m in modules)
 
 
 def test_a_run_with_owl_and_block_reconstruction(tiny_llama, text_file, tmp_path):

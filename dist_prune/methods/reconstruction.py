@@ -35,11 +35,13 @@ FIT_CHUNK = 128
 @dataclass
 class Fit:
     """One matrix's reconstructed rows and its residual before and after: sum_t ||W' x_p - W x_d||^2 less the
-    target's energy sum_t ||W x_d||^2 (the caller adds it; it comes from the dense layer's outputs)."""
+    target's energy sum_t ||W x_d||^2, which is given when x_p = x_d (sum_t ||W x||^2 = tr W H W^T); with a
+    cross term the caller has it from the dense layer's outputs."""
 
     weight: Tensor  # fp32, exact zeros where pruned
     residual_before: float
     residual_after: float
+    energy: float | None  # None with a cross term
 
 
 def reconstruct_group(
@@ -54,7 +56,8 @@ def reconstruct_group(
 ) -> list[Fit]:
     """The matrices (out_j, in) that read one input: dense rows, the method's pruned rows (the start) and masks
     (True where pruned: fixed), each a row block of a whole matrix from `first_rows[j]`. H and C = B^T =
-    sum x_d x_p^T: (in, in) fp32 sums; C None means C = H (the Linears' inputs carry no error of this layer).
+    sum x_d x_p^T: (in, in) fp32 sums, of any common scale; C None means C = H (the Linears' inputs carry no
+    error of this layer).
     One matrix at a time (rows are independent): a 13B gate/up pair stacked in fp32 with its start and mask
     would be 1.3 GB more."""
     H = H.float()
@@ -71,25 +74,29 @@ def _fit_matrix(
 ) -> Fit:
     fitted = pruned.float().masked_fill(mask, 0.0)
     kept = ~mask
-    before = after = 0.0
+    before = after = energy = 0.0
     for rows, at in aligned_chunks([Placement(slice(0, dense.shape[0]), first_row)], FIT_CHUNK):
-        size = rows.stop - rows.start
+        mine = slice(at, at + rows.stop - rows.start)
         w, x, k = (padded_chunk(t, rows, at, FIT_CHUNK) for t in (dense, fitted, kept))
         w = w.float()
         b = w @ right
-        solved = _conjugate_gradients(x, k, b + lam * w, H, lam, iterations)
-        before += float(_residual(x, b, H)[at : at + size].sum())
-        after += float(_residual(solved, b, H)[at : at + size].sum())
-        fitted[rows] = solved[at : at + size]
-    return Fit(fitted, before, after)
+        energy += float(_row_sums(w, b)[mine].sum())  # w H w^T when right is H
+        start_product = x @ H
+        before += float(_residual(x, start_product, b)[mine].sum())
+        solved = _conjugate_gradients(x, start_product, k, b + lam * w, H, lam, iterations)
+        after += float(_residual(solved, solved @ H, b)[mine].sum())
+        fitted[rows] = solved[mine]
+    return Fit(fitted, before, after, energy if right is H else None)
 
 
-def _conjugate_gradients(x: Tensor, kept: Tensor, b: Tensor, H: Tensor, lam: float, iterations: int) -> Tensor:
-    """Each row's (H + lam I)_KK w_K = b_K from x, preconditioned by the diagonal; rows that have converged
-    (or are padding) stand still."""
+def _conjugate_gradients(
+    x: Tensor, product: Tensor, kept: Tensor, b: Tensor, H: Tensor, lam: float, iterations: int
+) -> Tensor:
+    """Each row's (H + lam I)_KK w_K = b_K from x (whose x H is `product`), preconditioned by the diagonal;
+    rows that have converged (or are padding) stand still."""
     x = x.clone()
     inverse_diagonal = 1.0 / (H.diagonal() + lam)
-    residual = (b - (x @ H + lam * x)) * kept
+    residual = (b - (product + lam * x)) * kept
     direction = residual * inverse_diagonal
     rz = (residual * direction).sum(dim=1)
     for _ in range(iterations):
@@ -106,6 +113,12 @@ def _conjugate_gradients(x: Tensor, kept: Tensor, b: Tensor, H: Tensor, lam: flo
     return x
 
 
-def _residual(w: Tensor, b: Tensor, H: Tensor) -> Tensor:
-    """Per row w^T H w - 2 w^T (B w_dense): the fit's squared error less the target's energy (undamped H)."""
-    return ((w @ H) * w).sum(dim=1).double() - 2 * (w * b).sum(dim=1).double()
+def _residual(w: Tensor, product: Tensor, b: Tensor) -> Tensor:
+    """Per row w^T H w - 2 w^T (B w_dense), from `product` = w H: the fit's squared error less the target's
+    energy (undamped H)."""
+    return _row_sums(w, product) - 2 * _row_sums(w, b)
+
+
+def _row_sums(a: Tensor, b: Tensor) -> Tensor:
+    """Per row a . b, widened to fp64 for the totals over rows and workers."""
+    return (a * b).sum(dim=1).double()

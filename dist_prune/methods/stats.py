@@ -63,6 +63,10 @@ class InputStatistics:
         """The raw sums, for a cross-worker sum."""
         return [t for t in (self.sum_sq, self.sum_xxt) if t is not None]
 
+    @property
+    def has_hessian(self) -> bool:
+        return self._hessian is not None or self.sum_xxt is not None
+
     def scaler_row(self) -> Tensor:
         return (self.sum_sq / self.count).float()
 
@@ -88,25 +92,24 @@ def _fp32_product(a: Tensor, b: Tensor) -> Tensor:
 
 class CrossStatistics:
     """Reconstruction's sums for one input group (methods/reconstruction.py): H = sum x_p x_p^T of the pruned
-    layer's inputs, C = B^T = sum x_d x_p^T against the dense layer's (None while the two are the same), and
-    each member's target energy sum ||W x_d||^2. fp64 accumulators of fp32 batch products, as above: the sums
-    do not depend on how the batches were split between workers."""
+    layer's inputs and, with a cross term, C = B^T = sum x_d x_p^T against the dense layer's and each member's
+    target energy sum ||W x_d||^2. fp64 accumulators of fp32 batch products, as above: the sums do not depend
+    on how the batches were split between workers."""
 
     def __init__(self, in_features: int, members: int, with_cross: bool, device: torch.device | str = "cpu"):
         self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.sum_cross = torch.zeros_like(self.sum_xxt) if with_cross else None
-        self.energy = torch.zeros(members, dtype=torch.float64, device=device)
+        self.energy = torch.zeros(members, dtype=torch.float64, device=device) if with_cross else None
 
-    def update(self, x_pruned: Tensor, x_reference: Tensor, outputs: list[Tensor]) -> None:
-        """One batch: the group's input in the pruned layer and in the reference, and the reference's outputs."""
-        p = x_pruned.reshape(-1, x_pruned.shape[-1])
-        p = p if _tensor_core_product(p) else p.float()
-        d = x_reference.reshape(-1, x_reference.shape[-1])
-        d = d if _tensor_core_product(d) else d.float()
+    def update(self, x_pruned: Tensor, x_reference: Tensor | None = None, outputs: list[Tensor] = ()) -> None:
+        """One batch: the group's input in the pruned layer and, with a cross term, in the reference and the
+        reference's outputs."""
+        p = _product_operand(x_pruned)
+        d = None if self.sum_cross is None else _product_operand(x_reference)
         rows = max(1, PRODUCT_BLOCK_ELEMENTS[p.device.type] // p.shape[1])
         for start in range(0, p.shape[1], rows):
             self.sum_xxt[start : start + rows] += _fp32_product(p[:, start : start + rows].T, p)
-            if self.sum_cross is not None:
+            if d is not None:
                 self.sum_cross[start : start + rows] += _fp32_product(d[:, start : start + rows].T, p)
         for j, y in enumerate(outputs):
             self.energy[j] += y.float().square().sum()
@@ -123,3 +126,9 @@ class CrossStatistics:
         C = None if self.sum_cross is None else self.sum_cross.float()
         self.sum_cross = None
         return H, C
+
+
+def _product_operand(x: Tensor) -> Tensor:
+    """(tokens, in): half precision as it is for the tensor cores, else fp32."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if _tensor_core_product(flat) else flat.float()
