@@ -246,8 +246,8 @@ torch.save({"weight": result.weight, "mask": result.mask}, sys.argv[2])
 
 
 def test_the_thread_count_changes_no_bit(tmp_path):
-    """SmolLM2's down_proj shape with 1 and 2 threads: LAPACK's factorisation would differ in its last bits
-    (it runs on one thread); the matrix products do not depend on the thread count."""
+    """SparseGPT's step on SmolLM2's down_proj shape, given H, with 1 and 2 threads: LAPACK's factorisation
+    would differ in its last bits (it runs on one thread); the OBS loop's products do not split across threads."""
     results = []
     for threads in (1, 2):
         out = tmp_path / f"t{threads}.pt"

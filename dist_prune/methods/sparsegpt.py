@@ -7,10 +7,12 @@ caller can supply an exact cross-worker selection.
 The Linears that read the same input (q/k/v; gate/up) share H, so they are pruned as one group: H is
 factorised once, and their rows are stacked so that each column step of the OBS loop serves all of them.
 
-The result does not depend on the number of workers or on the threads each uses, bit for bit:
+Given H, the result does not depend on the number of workers or on the threads each uses, bit for bit:
 - every worker factorises the same all-reduced H; LAPACK's blocking follows the thread count (a Cholesky
   factor of a 1536-wide H differs in its last bits between 1 and 2 threads), so on the CPU the factorisation
-  runs on one thread (matrix products do not depend on the thread count: measured);
+  runs on one thread. (The forward that makes H is another matter: on an AVX-512 CPU MKL splits the reduction
+  of some products across threads, so a whole run is bit-identical across worker counts at the same threads
+  per worker, not across thread counts.)
 - the column loop is element-wise along each row (on CUDA one Triton kernel per block, obs_kernel.py, doing
   the same operations in the same order);
 - the lazy update of the later columns is a matrix product, whose rounding can depend on how many rows it
