@@ -11,7 +11,11 @@ Cost: the layer loop's seconds from each run's report, reconstructed beside not.
     python bench/reconstruction.py --nsamples 128 --modes block --rows wanda/50%/block --section NAME
 
 `--rows` keeps only the named rows (method/pattern/variant), in the order given; `--section` names the
-section of bench/RESULTS.md written (a run of a few rows beside the full table).
+section of bench/RESULTS.md written (a run of a few rows beside the full table). `--owl-threshold` and
+`--owl-lambda` take comma-separated values: with more than one setting, the 70% rows have one OWL row per
+(M, lambda), named `OWL M/lambda`, for a sweep of OWL's two parameters:
+
+    python bench/reconstruction.py --only 70% --modes none --owl-threshold 3,5,10 --owl-lambda 0.04,0.08,0.12
 """
 
 import argparse
@@ -37,11 +41,13 @@ def rows_to_run(args) -> list[tuple[str, str, str, list[str]]]:
     if "70%" in args.only:
         for method in ("wanda", "gblm"):
             rows.append((method, "70%", "uniform", []))
-            rows.append((method, "70%", "OWL", ["--sparsity-profile", "owl", *args.owl]))
-            mode = args.modes[-1]
-            rows.append(
-                (method, "70%", f"OWL + {mode}", ["--sparsity-profile", "owl", *args.owl, "--reconstruct", mode])
-            )
+            for name, flags in args.owl.items():
+                rows.append((method, "70%", name, ["--sparsity-profile", "owl", *flags]))
+            first, mode = next(iter(args.owl.values())), args.modes[-1] if args.modes else None
+            if mode:
+                rows.append(
+                    (method, "70%", f"OWL + {mode}", ["--sparsity-profile", "owl", *first, "--reconstruct", mode])
+                )
     if args.rows:
         named = {"/".join(row[:3]): row for row in rows}
         missing = [name for name in args.rows if name not in named]
@@ -121,10 +127,12 @@ def render(rows: list[dict], args, command: str) -> str:
             f"| {r['method']} | {r['pattern']} | {r['variant']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f}x | {errors} "
             f"| {r['layers_s']:.0f} | {r['reconstruction_s']:.0f} | {ratio} | {r['rss']} |"
         )
-    owl = [r for r in rows if r["layer_sparsity"]]
-    if owl:
-        s = owl[0]["layer_sparsity"]
-        lines += ["", f"OWL layer sparsities ({args.owl_text}): {min(s):.3f} to {max(s):.3f}, mean "
+    shown = {}  # one line per OWL setting: its layer sparsities are the same for every method
+    for r in rows:
+        if r["layer_sparsity"] and not r["variant"].startswith("OWL +"):
+            shown.setdefault(r["variant"], r["layer_sparsity"])
+    for variant, s in shown.items():
+        lines += ["", f"{variant} layer sparsities ({args.owl_text[variant]}): {min(s):.3f} to {max(s):.3f}, mean "
                       f"{sum(s) / len(s):.4f}; per layer: " + ", ".join(f"{v:.3f}" for v in s) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -139,7 +147,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--modes", default="linear", help="reconstruction modes to measure, comma-separated")
+    parser.add_argument(
+        "--modes", default="linear", help="reconstruction modes to measure, comma-separated (none: no such rows)"
+    )
     parser.add_argument("--only", default="50%,2:4,70%", help="which sparsities to run, comma-separated")
     parser.add_argument("--owl-threshold", default="5")
     parser.add_argument("--owl-lambda", default="0.08")
@@ -147,10 +157,12 @@ def main() -> None:
     parser.add_argument("--section", default="reconstruction", help="the section of bench/RESULTS.md to write")
     parser.add_argument("--workdir", default="bench/out/reconstruction")
     args = parser.parse_args()
-    args.modes, args.only = args.modes.split(","), args.only.split(",")
+    args.modes, args.only = [m for m in args.modes.split(",") if m != "none"], args.only.split(",")
     args.rows = [name for name in args.rows.split(",") if name]
-    args.owl = ["--owl-threshold", args.owl_threshold, "--owl-lambda", args.owl_lambda]
-    args.owl_text = f"M = {args.owl_threshold}, lambda = {args.owl_lambda}"
+    settings = [(m, lam) for m in args.owl_threshold.split(",") for lam in args.owl_lambda.split(",")]
+    name = (lambda m, lam: f"OWL {m}/{lam}") if len(settings) > 1 else (lambda m, lam: "OWL")
+    args.owl = {name(m, lam): ["--owl-threshold", m, "--owl-lambda", lam] for m, lam in settings}
+    args.owl_text = {name(m, lam): f"M = {m}, lambda = {lam}" for m, lam in settings}
     command = ("python bench/reconstruction.py " + " ".join(sys.argv[1:])).strip()
     run(args, lambda rows: write_section(args.section, render(rows, args, command)))
 

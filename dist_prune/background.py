@@ -2,7 +2,9 @@
 
 A worker's layer loop alternates reading a layer, computing on it and writing it. Reading the next layer and
 writing (and hashing) the finished one go to a thread each, at most one item ahead or behind, so the loop's
-wall time approaches its compute time. File reads, `safetensors` and hashing release the GIL.
+wall time approaches its compute time. File reads, `safetensors` and hashing release the GIL. The run's
+`overlap` setting (config.py; the driver decides it: on for CUDA, off on a CPU) can make both run inline
+instead, holding no second layer.
 
 Host copies on CUDA: a copy from the device into ordinary (pageable) memory goes through the driver's staging
 buffer and faults in every fresh page on the way (1.3 GB/s measured on an H200 host, against 51 GB/s into
@@ -23,16 +25,20 @@ from torch import Tensor
 
 class Background:
     """One task at a time in a thread of its own: `submit` waits for the previous task first (at most one
-    pending), and a task's error is raised in the caller at the next `submit` or `wait`."""
+    pending), and a task's error is raised in the caller at the next `submit` or `wait`. `overlap=False`: each
+    task runs in the caller's thread as it is submitted (its error raised at once), holding nothing past it."""
 
-    def __init__(self, name: str):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self, name: str, overlap: bool = True):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if overlap else None
         self._pending: Future | None = None
 
     def submit(self, task: Callable[..., Any], *args: Any) -> float:
         """Queue `task(*args)`; returns the seconds spent waiting for the previous one."""
         waited = self.wait()
-        self._pending = self._pool.submit(task, *args)
+        if self._pool is None:
+            task(*args)
+        else:
+            self._pending = self._pool.submit(task, *args)
         return waited
 
     def wait(self) -> float:
@@ -48,16 +54,18 @@ class Background:
         try:
             self.wait()
         finally:
-            self._pool.shutdown(wait=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
 
 class Prefetcher:
     """`get(key, then=next_key)`: `load(key)`, where the value asked for next was read in a thread while the
-    caller worked. The seconds of the last load (wherever it ran) and of the caller's wait for it are kept."""
+    caller worked. The seconds of the last load (wherever it ran) and of the caller's wait for it are kept.
+    `overlap=False`: nothing is read ahead (`then` is ignored); every value is read when asked for."""
 
-    def __init__(self, load: Callable[[Any], Any], name: str):
+    def __init__(self, load: Callable[[Any], Any], name: str, overlap: bool = True):
         self._load = load
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if overlap else None
         self._ahead: tuple[Any, Future] | None = None
         self.load_seconds = 0.0
         self.wait_seconds = 0.0
@@ -73,7 +81,7 @@ class Prefetcher:
                 ahead[1].result()
             value, self.load_seconds = self._timed_load(key)
             self.wait_seconds = 0.0
-        if then is not None:
+        if then is not None and self._pool is not None:
             self._ahead = (then, self._pool.submit(self._timed_load, then))
         return value
 
@@ -87,7 +95,8 @@ class Prefetcher:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead[1].exception()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def to_host(tensor: Tensor, recycled: bool = False) -> Tensor:

@@ -68,8 +68,8 @@ class Run:
     def __init__(self, resolved: Resolved, workers: Workers, progress: Progress, scratch: Scratch | None):
         config = resolved.config
         r = config.runtime
-        if r.residency == "auto" or r.activation_storage == "auto":
-            raise ValueError("the driver resolves residency and activation storage (pipeline.resolve)")
+        if r.residency == "auto" or r.activation_storage == "auto" or r.overlap is None:
+            raise ValueError("the driver resolves residency, activation storage and overlap (pipeline.resolve)")
         self.resolved, self.config, self.info = resolved, config, resolved.info
         self.workers, self.progress, self.scratch = workers, progress, scratch
         self.family, self.method, self.nm = resolved.family, resolved.method, resolved.nm
@@ -82,8 +82,10 @@ class Run:
         self.clock = PhaseClock(workers.device)  # the layer loop's phases
         self.gradient_clock = PhaseClock(workers.device)  # the gradient pass's
         with progress.phase("load"):
-            resident = r.residency == "resident"
-            self.store = ResidentStore(self.info, workers) if resident else StreamStore(self.info, workers.device)
+            if r.residency == "resident":
+                self.store = ResidentStore(self.info, workers)
+            else:
+                self.store = StreamStore(self.info, workers.device, r.overlap)
 
     def stem(self) -> Shell:
         return self.shell([EMBEDDING])
@@ -141,7 +143,8 @@ def prune_on_worker(resolved: Resolved, workers: Workers, progress: Progress) ->
 
 def _writer(config: PruneConfig, info: CheckpointInfo) -> CheckpointWriter:
     r = config.runtime
-    return CheckpointWriter(Path(config.out), info.num_layers, run_settings(config, info), r.overwrite, r.resume)
+    settings = run_settings(config, info)
+    return CheckpointWriter(Path(config.out), info.num_layers, settings, r.overwrite, r.resume, overlap=r.overlap)
 
 
 def _finished_layers(run: Run, writer: CheckpointWriter | None) -> list[LayerEntry]:
@@ -162,8 +165,8 @@ def _finished_layers(run: Run, writer: CheckpointWriter | None) -> list[LayerEnt
 
 # Runtime settings that change where and how fast a run computes, not what it computes: a run may resume
 # with other values. (The thread count can change BLAS rounding: resume with the same threads for bit-identity.)
-RUN_ONLY = ("workers", "launcher", "threads", "device_memory", "residency", "activation_storage", "scratch",
-            "overwrite", "resume")  # fmt: skip
+RUN_ONLY = ("workers", "launcher", "threads", "device_memory", "residency", "activation_storage", "overlap",
+            "scratch", "overwrite", "resume")  # fmt: skip
 
 
 def run_settings(config: PruneConfig, info: CheckpointInfo) -> dict:
@@ -421,7 +424,7 @@ def _gradient_rows(run: Run, windows: Tensor, done: int) -> Iterator[Prefetcher]
         rows = read(index)
         return page_locked(rows) if w.device.type == "cuda" else {k: t.clone() for k, t in rows.items()}
 
-    rows = Prefetcher(load, "gradient-rows")
+    rows = Prefetcher(load, "gradient-rows", run.config.runtime.overlap)
     try:
         yield rows
     finally:
@@ -459,7 +462,7 @@ def _rows_kept_in_scratch(run: Run) -> Iterator:
     dtype, written to the scratch directory behind the pass (all of them written when the context ends)."""
     w, clock = run.workers, run.gradient_clock
     dtype = GRADIENT_DTYPES[run.config.prune.gradient_dtype]
-    behind = Background("gradient-rows")
+    behind = Background("gradient-rows", run.config.runtime.overlap)
 
     def save(name: str, rows: dict[str, Tensor]) -> None:
         start = time.perf_counter()
@@ -497,7 +500,8 @@ def _release_gradient_rows(run: Run, index: int) -> None:
 
 def _gradient_pass(run: Run, windows: Tensor, on_layer, layers: frozenset[int] | None = None) -> None:
     p, r = run.config.prune, run.config.runtime
-    activations = ActivationStore(run.scratch if r.activation_storage == "disk" else None, run.workers.device)
+    on_disk = run.scratch if r.activation_storage == "disk" else None
+    activations = ActivationStore(on_disk, run.workers.device, r.overlap)
     try:
         with run.progress.phase("gradients", total=2 * run.info.num_layers) as advance:
             request = GradientRequest(scale=p.gblm_scale, norm=p.gblm_norm, layers=layers)

@@ -102,7 +102,9 @@ def _as_rank0_decided(run: Resolved) -> Resolved:
     chosen = [run]
     dist.broadcast_object_list(chosen, src=0)
     r = chosen[0].config.runtime
-    runtime = replace(run.config.runtime, residency=r.residency, activation_storage=r.activation_storage)
+    runtime = replace(
+        run.config.runtime, residency=r.residency, activation_storage=r.activation_storage, overlap=r.overlap
+    )
     return replace(run, config=replace(run.config, runtime=runtime), plan=chosen[0].plan)
 
 

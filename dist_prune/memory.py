@@ -181,6 +181,7 @@ class _Run:
     gradient_pass: bool
     reconstruct: str  # "none", "linear" or "block" (reconstruct.py)
     statistics: str | None  # what the layer loop collects of each Linear's input (registry.layer_statistics)
+    overlap: bool  # a layer read ahead and one written behind while a layer computes (background.py)
 
     @property
     def layer(self) -> int:
@@ -294,6 +295,7 @@ def _run(config: PruneConfig, model_config: dict, read_extra: int = 0) -> _Run:
         gradient_pass=needs.gradients and not config.prune.gradients,
         reconstruct=p.reconstruct,
         statistics=layer_statistics(needs, p),
+        overlap=overlaps(config),
     )
 
 
@@ -338,18 +340,19 @@ def _layerwise_plan(run: _Run, residency: str, storage: str, limit: int | None, 
 
 def _read_ahead(run: _Run, streaming: bool) -> int:
     """Streaming reads the next layer while the current one computes (background.py): one more layer as read."""
-    return run.shape.layer_params * run.stored if streaming else 0
+    return run.shape.layer_params * run.stored if streaming and run.overlap else 0
 
 
 def _written_behind(run: _Run) -> int:
     """Worker 0 writes the finished layer while the next computes: its host copy in the checkpoint's dtype."""
-    return run.shape.layer_params * run.stored
+    return run.shape.layer_params * run.stored if run.overlap else 0
 
 
 def _page_locked(run: _Run, streaming: bool) -> int:
     """A CUDA worker's page-locked host buffers, which torch's host allocator keeps and hands out again: two
     layers read ahead (the one copied to the device, the next) when streaming, and two layers' gradient rows
-    (written to the scratch directory, read back). The allocator rounds each buffer up to a power of two."""
+    (written to the scratch directory, read back). The allocator rounds each buffer up to a power of two.
+    Counted as overlapping even when the run does not (an upper bound then: unmeasured on a GPU)."""
     if run.device == "cpu":
         return 0
     rows = sum(
@@ -660,11 +663,23 @@ def plan_for(config: PruneConfig, model: CheckpointInfo | Path) -> MemoryPlan:
 
 
 def resolve_runtime(config: PruneConfig, model: CheckpointInfo | Path) -> PruneConfig:
-    """The config with residency and activation storage decided (resident and host memory when they fit);
-    the driver calls this once and hands the result to every worker."""
+    """The config with residency, activation storage (resident and host memory when they fit) and overlap
+    decided; the driver calls this once and hands the result to every worker."""
     plan = plan_for(config, model)
-    runtime = replace(config.runtime, residency=plan.residency, activation_storage=plan.activation_storage)
+    runtime = replace(
+        config.runtime,
+        residency=plan.residency,
+        activation_storage=plan.activation_storage,
+        overlap=overlaps(config),
+    )
     return replace(config, runtime=runtime)
+
+
+def overlaps(config: PruneConfig) -> bool:
+    """Whether reading and writing run in threads beside the compute: as asked, else on CUDA only. On a CPU
+    they are about 1% of a layer's compute (bench/RESULTS.md `overlap`) but would hold two more layers."""
+    asked = config.runtime.overlap
+    return asked if asked is not None else compute_device(config) == "cuda"
 
 
 def check_fits(plan: MemoryPlan) -> None:

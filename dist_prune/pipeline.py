@@ -69,8 +69,9 @@ def _add_zero_shot(run: Resolved, out: Path, report: dict) -> dict:
         for name, path in (("dense", run.info.path), ("pruned", out))
     }  # fmt: skip
     write_text(out / "prune_report.json", json.dumps(report, indent=2) + "\n")
-    write_report_markdown(out, report)
-    list_added_files(out, [ZERO_SHOT_PLOT])
+    write_report_markdown(out, report, e.plots)
+    if e.plots:
+        list_added_files(out, [ZERO_SHOT_PLOT])
     return report
 
 

@@ -72,10 +72,11 @@ class Plot:
     path: Path
 
 
-def write_report_markdown(out_dir: Path, report: dict) -> Path:
-    """Write report.md and its plots into `out_dir` (the checkpoint directory); returns report.md's path."""
+def write_report_markdown(out_dir: Path, report: dict, with_plots: bool = True) -> Path:
+    """Write report.md and (unless `with_plots` is False) its plots into `out_dir` (the checkpoint directory);
+    returns report.md's path."""
     out_dir = Path(out_dir)
-    plots = draw_plots(out_dir, report)
+    plots = draw_plots(out_dir, report) if with_plots else []
     path = out_dir / REPORT_FILE
     write_text(path, render_markdown(report, plots))
     return path

@@ -273,18 +273,18 @@ class CheckpointWriter:
 
     The partial directory has a name stable across runs and a manifest (MANIFEST) recording the run's settings
     and, per finished layer, its file's size and digest (`file_digest`), so an interrupted run can be resumed: `resume=True`
-    reuses every layer that still verifies. Layers are written and hashed in a thread of their own, one at a
-    time, while the caller computes the next (`write_layer` returns at once; `wait` waits for the last). Bad input (a DistPruneError: say NaN weights found in layer 30)
+    reuses every layer that still verifies. Layers are written and hashed in a thread of their own (unless the
+    run does not overlap), one at a time, while the caller computes the next (`write_layer` returns at once; `wait` waits for the last). Bad input (a DistPruneError: say NaN weights found in layer 30)
     removes the partial directory, as does any failure before a layer is finished; any other failure, a
     signal, or an output that appeared meanwhile keeps it, and the error says how to resume.
     """
 
     def __init__(
         self, out: Path, num_layers: int, settings: dict, overwrite: bool = False, resume: bool = False,
-        resumable: bool = True,
+        resumable: bool = True, overlap: bool = True,
     ):  # fmt: skip
         """`resumable=False` (structured pruning writes every layer at the end): any failure removes the partial
-        directory."""
+        directory. `overlap=False`: each layer is written as it is handed over, not behind the next."""
         self.out = out
         self.resumable = resumable
         self.num_layers = num_layers
@@ -295,7 +295,7 @@ class CheckpointWriter:
         self.manifest = {"kind": MANIFEST_KIND, "complete": False, "settings": settings, "layers": {}, "reads": {}}
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
-        self._behind = Background("write-behind")
+        self._behind = Background("write-behind", overlap)
         if resume:
             self._reopen()
 
@@ -446,6 +446,6 @@ def finish_run(
         writer.save_tensors("calibration.safetensors", {"input_ids": windows})
     writer.write_json("prune_report.json", report)
     write_text(writer.partial / "prune_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    write_report_markdown(writer.partial, report)
+    write_report_markdown(writer.partial, report, config.evaluation.plots)
     writer.copy_from_source(source)
     return writer.finish(model_config, dtype)

@@ -102,7 +102,7 @@ def text_file(tmp_path_factory) -> Path:
     from dist_prune.assets import wikipedia_text
 
     path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(wikipedia_text("calibration")[:200_000])
+    path.write_text(wikipedia_text("calibration")[:60_000])
     return path
 
 

@@ -61,7 +61,7 @@ def run_config(model: Path, out: Path, text: Path, settings: dict, residency: st
             "prune": settings,
             "structured": STRUCTURED_SETTINGS if settings in STRUCTURED.values() else {},
             "calibration": dict(CALIBRATION, calib_source=str(text)),
-            "evaluation": dict(EVALUATION, eval_text=str(text)),
+            "evaluation": dict(EVALUATION, eval_text=str(text), plots=False),  # the masks are compared
             "runtime": runtime,
         }
     )
@@ -268,7 +268,7 @@ def _prune_args(model: Path, out: Path, text: Path, run: str) -> list[str]:
     calibration = [f"--{k.replace('_', '-')}={v}" for k, v in {**CALIBRATION, **EVALUATION}.items()]
     return [
         "--quiet", "prune", "--model", str(model), "--out", str(out), *settings, *calibration,
-        "--calib-source", str(text), "--eval-text", str(text),
+        "--calib-source", str(text), "--eval-text", str(text), "--no-plots",
     ]  # fmt: skip
 
 

@@ -74,7 +74,7 @@ def family_config(model: Path, out: Path, text: Path, settings: dict, residency:
             "out": str(out),
             "prune": settings,
             "calibration": dict(CALIBRATION, calib_source=str(text)),
-            "evaluation": dict(EVALUATION, eval_text=str(text), eval_after=False),  # `eval` is tested below
+            "evaluation": dict(EVALUATION, eval_text=str(text), eval_after=False, plots=False),  # `eval`: below
             "runtime": {"residency": residency, "activation_storage": RESIDENCY_STORAGE[residency], "threads": 1},
         }
     )

@@ -128,6 +128,18 @@ def test_a_cpu_run_counts_stored_inputs_against_its_one_memory():
     assert in_memory.host_peak == in_memory.peak  # the host is the device
 
 
+def test_a_cpu_run_overlaps_only_when_asked_and_the_plan_counts_the_two_layers_it_holds(llama2_70b, host_memory):
+    cpu = build_config({"prune": {"method": "sparsegpt"}, "runtime": {"device": "cpu", "residency": "stream"}})
+    asked = replace(cpu, runtime=replace(cpu.runtime, overlap=True))
+    assert resolve_runtime(cpu, llama2_70b).runtime.overlap is False
+    assert resolve_runtime(asked, llama2_70b).runtime.overlap is True
+    assert resolve_runtime(on_gpus("wanda", 1, device_memory="80GiB"), llama2_70b).runtime.overlap is True
+    serial, overlapped = plan_memory(cpu, llama2("13b")), plan_memory(asked, llama2("13b"))
+    layer_as_read = (4 * 5120 * 5120 + 3 * 5120 * 13824 + 2 * 5120) * 2  # bf16: the Linears and the two norms
+    # one layer read ahead and one written behind
+    assert overlapped.phases["layer_loop"] - serial.phases["layer_loop"] == 2 * layer_as_read
+
+
 def test_saap_refuses_to_stream(llama2_70b, host_memory):
     saap = build_config({"prune": {"method": "saap"}, "runtime": {"residency": "stream"}})
     with pytest.raises(ConfigError, match="saap runs resident only"):

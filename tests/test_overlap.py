@@ -67,6 +67,25 @@ def test_a_read_ahead_error_reaches_the_caller():
     reader.close()
 
 
+def test_without_overlap_tasks_and_reads_run_in_the_callers_thread():
+    caller, seen = threading.current_thread().name, []
+    behind = Background("test", overlap=False)
+    behind.submit(lambda: seen.append(threading.current_thread().name))
+    assert seen == [caller]  # done before submit returned
+
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):  # raised at once, not at the next submit
+        behind.submit(broken)
+    behind.close()
+
+    reader = Prefetcher(lambda key: seen.append((key, threading.current_thread().name)) or key, "test", overlap=False)
+    assert reader.get(0, then=1) == 0 and reader.get(1, then=2) == 1
+    assert seen[1:] == [(0, caller), (1, caller)]  # nothing read ahead
+    reader.close()
+
+
 @pytest.mark.parametrize("size", [0, 10, DIGEST_CHUNK, 2 * DIGEST_CHUNK + 7])
 def test_the_digest_is_sha256_of_the_chunks_sha256(tmp_path, size):
     data = bytes((i * 7) % 251 for i in range(min(size, 4096))) * (size // 4096 + 1)
@@ -81,13 +100,22 @@ def test_the_digest_is_sha256_of_the_chunks_sha256(tmp_path, size):
         assert file_digest(path) != expected
 
 
-def test_every_run_reports_where_its_time_went(tiny_llama, text_file, tmp_path):
+def test_every_run_reports_where_its_time_went_and_overlap_changes_no_weight(tiny_llama, text_file, tmp_path):
+    """GBLM streaming with its layer inputs on disk: every reader and writer in the background, or inline (the
+    CPU's default), writes the same bytes."""
     out = tmp_path / "out"
-    args = ["--quiet", "prune", "--model", str(tiny_llama), "--out", str(out), "--method", "gblm", "--nsamples", "4",
-            "--seqlen", "32", "--calib-source", str(text_file), "--eval-text", str(text_file), "--eval-seqlen",
-            "32", "--eval-windows", "2", "--device", "cpu", "--residency", "stream"]  # fmt: skip
-    assert main(args) == 0
+    args = ["--quiet", "prune", "--model", str(tiny_llama), "--method", "gblm", "--nsamples", "4", "--seqlen",
+            "32", "--calib-source", str(text_file), "--eval-text", str(text_file), "--eval-seqlen", "32",
+            "--eval-windows", "2", "--device", "cpu", "--residency", "stream", "--activation-storage", "disk"]  # fmt: skip
+    assert main([*args, "--out", str(out), "--overlap"]) == 0
+    assert main([*args, "--out", str(tmp_path / "inline")]) == 0
+    layer_files = sorted(out.glob("model-layer-*.safetensors"))
+    assert layer_files
+    for layer_file in layer_files:
+        assert layer_file.read_bytes() == (tmp_path / "inline" / layer_file.name).read_bytes()
     report = json.loads((out / "prune_report.json").read_text())
+    assert report["config"]["runtime"]["overlap"] is True
+    assert json.loads((tmp_path / "inline" / "prune_report.json").read_text())["config"]["runtime"]["overlap"] is False
     loop_phases = {"read_wait", "h2d", "forward", "statistics", "pruning", "d2h", "write_wait"}
     for layer in report["layers"]:
         assert loop_phases | {"read", "write", "hash"} <= layer["phases_s"].keys()
@@ -102,9 +130,12 @@ def test_every_run_reports_where_its_time_went(tiny_llama, text_file, tmp_path):
     assert {"forward", "backward", "d2h", "scratch_write"} <= report["gradient_pass_phases_s"].keys()
 
 
-def test_a_failed_layer_write_stops_the_run_and_keeps_the_written_layers(tiny_llama, text_file, tmp_path, monkeypatch):
-    """The writer's thread fails on layer 1: the run stops with that error (exit 1, not later, not silently),
-    and the partial output keeps layer 0 for --resume."""
+@pytest.mark.parametrize("overlap", ["--overlap", "--no-overlap"])
+def test_a_failed_layer_write_stops_the_run_and_keeps_the_written_layers(
+    tiny_llama, text_file, tmp_path, monkeypatch, overlap
+):
+    """The writer (its thread, or inline) fails on layer 1: the run stops with that error (exit 1, not later,
+    not silently), and the partial output keeps layer 0 for --resume."""
     import dist_prune.writer
 
     write = dist_prune.writer.CheckpointWriter._write_layer
@@ -117,7 +148,8 @@ def test_a_failed_layer_write_stops_the_run_and_keeps_the_written_layers(tiny_ll
     monkeypatch.setattr(dist_prune.writer.CheckpointWriter, "_write_layer", failing)
     out = tmp_path / "out"
     args = ["--quiet", "prune", "--model", str(tiny_llama), "--out", str(out), "--method", "wanda", "--nsamples",
-            "4", "--seqlen", "32", "--calib-source", str(text_file), "--no-eval-after", "--device", "cpu"]  # fmt: skip
+            "4", "--seqlen", "32", "--calib-source", str(text_file), "--no-eval-after", "--device", "cpu",
+            overlap]  # fmt: skip
     with pytest.raises(OSError, match="No space left"):
         main(args)
     manifest = json.loads((tmp_path / ".out.partial" / "dist_prune.json").read_text())

@@ -116,6 +116,19 @@ def test_report_without_perplexity_or_masks(pruned_run, tmp_path):
     assert "## Masks" not in markdown and "## Structure" not in markdown
 
 
+def test_no_plots_writes_the_tables_without_figures(pruned_run, text_file, tmp_path):
+    source = pruned_run.parent / "source"
+    out = tmp_path / "out"
+    argv = ["--quiet", "prune", "--model", str(source), "--out", str(out), "--method", "wanda", "--nsamples", "4",
+            "--seqlen", "32", "--no-eval-after", "--calib-source", str(text_file), "--device", "cpu", "--no-plots"]  # fmt: skip
+    assert main(argv) == 0
+    markdown = (out / "report.md").read_text()
+    assert not list(out.glob("*.png")) and "](" not in markdown
+    assert "| layer | sparsity | seconds |" in markdown
+    assert run_report(out)["config"]["evaluation"]["plots"] is False
+    assert main(["--quiet", "inspect", str(out), "--verify"]) == 0
+
+
 def test_masks_pictured_are_first_middle_last(pruned_run):
     layers = run_report(pruned_run)["layers"]
     names = [ref.name for ref in mask_pictured_weights(pruned_run, layers)]

@@ -36,7 +36,7 @@ def args(model: Path, out: Path, text: Path, method: str, *extra: str) -> list[s
     return [
         "--quiet", "prune", "--model", str(model), "--out", str(out), "--method", method, "--nsamples", "4",
         "--seqlen", "32", "--batch-size", "2", "--calib-source", str(text), "--eval-text", str(text),
-        "--eval-seqlen", "32", "--eval-windows", "4", "--device", "cpu", "--threads", "1", *extra,
+        "--eval-seqlen", "32", "--eval-windows", "4", "--device", "cpu", "--threads", "1", "--no-plots", *extra,
     ]  # fmt: skip
 
 

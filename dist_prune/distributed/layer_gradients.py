@@ -103,12 +103,12 @@ class ActivationStore:
     Files are written behind and read ahead in threads: layer i's inputs are written while layer i computes,
     and the backward reads layer i - 1's while it computes layer i."""
 
-    def __init__(self, scratch: Scratch | None, device: torch.device):
+    def __init__(self, scratch: Scratch | None, device: torch.device, overlap: bool = True):
         self.scratch = scratch
         self.device = device
         self.layers: dict[int, list[Tensor]] = {}
-        self._writes = Background("store-inputs")
-        self._reads = Prefetcher(self._load, "load-inputs")
+        self._writes = Background("store-inputs", overlap)
+        self._reads = Prefetcher(self._load, "load-inputs", overlap)
 
     def put(self, index: int, hidden: list[Tensor]) -> None:
         host = [to_host(h) for h in hidden]

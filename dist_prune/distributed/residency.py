@@ -10,8 +10,9 @@
 Both hand out the same full layer tensors in the checkpoint's dtype, so everything downstream (statistics,
 scores, masks) is identical whichever is used.
 
-Streaming reads ahead: `layer(i, then=j)` returns layer i and starts reading layer j in a thread (the layer
-loop asks for i + 1, the gradient pass's backward for i - 1), so a worker holds at most two layers as read.
+Streaming reads ahead when the run overlaps (config.py `overlap`): `layer(i, then=j)` returns layer i and
+starts reading layer j in a thread (the layer loop asks for i + 1, the gradient pass's backward for i - 1), so
+a worker holds at most two layers as read.
 For a GPU the layer read ahead is copied into page-locked memory, from which it reaches the device at DMA
 speed.
 """
@@ -30,13 +31,13 @@ class StreamStore:
     """Each layer read from the checkpoint when asked for (the next one ahead, in a thread); nothing kept.
     `read_seconds` and `wait_seconds`: the last layer's read, and how long the caller waited for it."""
 
-    def __init__(self, info: CheckpointInfo, device: torch.device | None = None):
+    def __init__(self, info: CheckpointInfo, device: torch.device | None = None, overlap: bool = True):
         self.reader = info.open_weights()
         self.num_layers = info.num_layers
         self.family, self.config = info.family, info.config
         self.pin = device is not None and device.type == "cuda"
         self.record = None  # worker 0 of a run that can be resumed: a provenance.ReadRecord checks what it reads
-        self._layers = Prefetcher(self._read_layer, "read-ahead")
+        self._layers = Prefetcher(self._read_layer, "read-ahead", overlap)
 
     def layer(self, index: int, then: int | None = None) -> dict[str, Tensor]:
         """Layer `index`, and layer `then` read ahead (None: nothing)."""

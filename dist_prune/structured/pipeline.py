@@ -88,7 +88,8 @@ def prune_structured_on_worker(resolved: Resolved, workers: Workers, progress: P
     windows, eval_windows, recovery = token_windows(config, info, progress)
     writer = None
     if workers.is_main:
-        writer = CheckpointWriter(Path(config.out), info.num_layers, {}, config.runtime.overwrite, resumable=False)
+        out, r = Path(config.out), config.runtime
+        writer = CheckpointWriter(out, info.num_layers, {}, r.overwrite, resumable=False, overlap=r.overlap)
     with writer or nullcontext():
         with progress.phase("load"):
             model = load_sharded_model(info, workers)
@@ -144,7 +145,7 @@ def _choose_removals(
 ) -> tuple[list[ModuleScores], list[int], dict[int, LayerKeep], dict | None]:
     """Score every group, allocate the target over the modules, pick the lowest-scored groups of each."""
     s = config.structured
-    store = StreamStore(info, workers.device)
+    store = StreamStore(info, workers.device, config.runtime.overlap)
     source = CalibrationSource(store, model.config, compute_dtype(workers.device, info.weight_dtype))
     phase = "statistics" if IMPORTANCES[s.importance].forward_only else "gradients"
     steps = calibration_steps(windows, s.stability_batches, layers, s.importance, info.num_layers)
