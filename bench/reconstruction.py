@@ -62,7 +62,8 @@ def prune(args, out: Path, gradients: Path, method: str, pattern: str, extra: li
     flags = ["--gradients", str(gradients)] if method == "gblm" else []
     wall, rss = run_child([
         "prune", "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-        "--seed", "0", "--eval-windows", str(args.eval_windows), "--eval-seqlen", "512", "--out", str(target),
+        "--seed", "0", "--eval-text", args.eval_text, "--eval-windows", str(args.eval_windows), "--eval-seqlen", "512",
+        "--out", str(target),
         "--overwrite", "--method", method, *PATTERN_FLAGS[pattern], *flags, *extra,
     ])  # fmt: skip
     report = json.loads((target / "prune_report.json").read_text())
@@ -104,7 +105,8 @@ def render(rows: list[dict], args, command: str) -> str:
         "",
         f"Machine: {machine_line()}.",
         f"Command: `{command}`. Calibration {args.nsamples} x {args.seqlen} tokens of the Wikipedia calibration "
-        f"split, seed 0 (bench/quality.py's); evaluation {args.eval_windows} x 512 held-out tokens, dense {dense:.2f}. "
+        f"split, seed 0 (bench/quality.py's); evaluation {args.eval_windows} x 512 tokens of {args.eval_text}, "
+        f"dense {dense:.2f}. "
         "All rows measured in this one run. `linear`: each Linear's kept weights fitted on its inputs in the dense "
         "layer; `block`: the input groups in order on the layer as fitted so far (o_proj and down_proj take up the "
         "error of the Linears before them). Errors: relative output error of the Linears, mean over modules, with "
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--eval-text", default="wikipedia", help="evaluation text: the held-out split, or a file")
     parser.add_argument(
         "--modes", default="linear", help="reconstruction modes to measure, comma-separated (none: no such rows)"
     )

@@ -5,6 +5,7 @@ began at layer 17 of SmolLM2 when sums depended on how the sequences were split.
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,6 @@ def test_real_smollm2_masks_identical_at_1_2_3_workers(tmp_path):
     two and three workers of one thread each. The threads per worker stay the same: on an AVX-512 CPU MKL
     splits the reduction of some products across threads (SmolLM2's down_proj on 128 tokens), and GBLM's
     masks then differ from layer 0 between one and two threads; the worker count changes nothing."""
-    from dist_prune import prune
     from dist_prune.assets import smollm2_dir, wikipedia_text
     from dist_prune.config import build_config
 
@@ -156,10 +156,12 @@ def test_real_smollm2_masks_identical_at_1_2_3_workers(tmp_path):
             for name, s in settings.items()
         ]  # fmt: skip
 
-    for config in configs(1):
-        prune(config)
-    for world in (2, 3):
-        prune_on_workers(world, configs(world))
+    # One worker beside two (three single-thread processes on the machine's cores), then three.
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        alone = beside.submit(prune_on_workers, 1, configs(1))
+        prune_on_workers(2, configs(2))
+        alone.result()
+    prune_on_workers(3, configs(3))
     for name in settings:
         for world in (2, 3):
             assert same_masks(tmp_path / "w1" / name, tmp_path / f"w{world}" / name), f"{name} at {world} workers"
