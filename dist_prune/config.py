@@ -173,7 +173,7 @@ class RuntimeConfig:
     its turn comes), "resident" (each worker keeps its row block of every layer, in the checkpoint's dtype),
     or "auto" (resident when the memory plan says it fits, else stream)."""
     overlap: bool | None = None
-    """Read the next layer and write the finished one in threads while the current one computes. None: on for
+    """Read the next layer and write the finished one in threads while the current one computes. Unset: on for
     CUDA, off on a CPU (there reading and writing are about 1% of a layer's compute, and the two more layers
     held would cost more memory than the overlap saves time: 1.2 GiB at 13B)."""
     scratch: str | None = None

@@ -100,8 +100,8 @@ class Scratch:
 class ActivationStore:
     """Each layer's inputs for this worker's sequences: in host memory, or one scratch file per layer.
     Never on the accelerator: all layers' inputs are far larger than one layer (344 GB in bf16 at 70B).
-    Files are written behind and read ahead in threads: layer i's inputs are written while layer i computes,
-    and the backward reads layer i - 1's while it computes layer i."""
+    Files are written behind and read ahead in threads when the run overlaps: layer i's inputs are written while
+    layer i computes, and the backward reads layer i - 1's while it computes layer i."""
 
     def __init__(self, scratch: Scratch | None, device: torch.device, overlap: bool = True):
         self.scratch = scratch

@@ -28,7 +28,8 @@ from .shares import local_share
 
 
 class StreamStore:
-    """Each layer read from the checkpoint when asked for (the next one ahead, in a thread); nothing kept.
+    """Each layer read from the checkpoint when asked for (the next one ahead, in a thread, when overlapping);
+    nothing kept.
     `read_seconds` and `wait_seconds`: the last layer's read, and how long the caller waited for it."""
 
     def __init__(self, info: CheckpointInfo, device: torch.device | None = None, overlap: bool = True):
