@@ -41,13 +41,11 @@ def rows_to_run(args) -> list[tuple[str, str, str, list[str]]]:
     if "70%" in args.only:
         for method in ("wanda", "gblm"):
             rows.append((method, "70%", "uniform", []))
-            for name, flags in args.owl.items():
-                rows.append((method, "70%", name, ["--sparsity-profile", "owl", *flags]))
-            first, mode = next(iter(args.owl.values())), args.modes[-1] if args.modes else None
-            if mode:
-                rows.append(
-                    (method, "70%", f"OWL + {mode}", ["--sparsity-profile", "owl", *first, "--reconstruct", mode])
-                )
+            for name, setting in args.owl.items():
+                rows.append((method, "70%", name, owl_flags(*setting)))
+            if args.modes:
+                first, mode = next(iter(args.owl.values())), args.modes[-1]
+                rows.append((method, "70%", f"OWL + {mode}", [*owl_flags(*first), "--reconstruct", mode]))
     if args.rows:
         named = {"/".join(row[:3]): row for row in rows}
         missing = [name for name in args.rows if name not in named]
@@ -57,14 +55,17 @@ def rows_to_run(args) -> list[tuple[str, str, str, list[str]]]:
     return rows
 
 
+def owl_flags(threshold: str, lam: str) -> list[str]:
+    return ["--sparsity-profile", "owl", "--owl-threshold", threshold, "--owl-lambda", lam]
+
+
 def prune(args, out: Path, gradients: Path, method: str, pattern: str, extra: list[str]) -> dict:
     target = out / "run"
     flags = ["--gradients", str(gradients)] if method == "gblm" else []
     wall, rss = run_child([
         "prune", "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--seed", "0", "--eval-text", args.eval_text, "--eval-windows", str(args.eval_windows), "--eval-seqlen", "512",
-        "--out", str(target),
-        "--overwrite", "--method", method, *PATTERN_FLAGS[pattern], *flags, *extra,
+        "--out", str(target), "--overwrite", "--method", method, *PATTERN_FLAGS[pattern], *flags, *extra,
     ])  # fmt: skip
     report = json.loads((target / "prune_report.json").read_text())
     shutil.rmtree(target)
@@ -129,13 +130,11 @@ def render(rows: list[dict], args, command: str) -> str:
             f"| {r['method']} | {r['pattern']} | {r['variant']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f}x | {errors} "
             f"| {r['layers_s']:.0f} | {r['reconstruction_s']:.0f} | {ratio} | {r['rss']} |"
         )
-    shown = {}  # one line per OWL setting: its layer sparsities are the same for every method
-    for r in rows:
-        if r["layer_sparsity"] and not r["variant"].startswith("OWL +"):
-            shown.setdefault(r["variant"], r["layer_sparsity"])
-    for variant, s in shown.items():
-        lines += ["", f"{variant} layer sparsities ({args.owl_text[variant]}): {min(s):.3f} to {max(s):.3f}, mean "
-                      f"{sum(s) / len(s):.4f}; per layer: " + ", ".join(f"{v:.3f}" for v in s) + "."]  # fmt: skip
+    for variant, (m, lam) in args.owl.items():  # one line per setting: the same sparsities for every method
+        s = next((r["layer_sparsity"] for r in rows if r["variant"] == variant), None)
+        if s:
+            lines += ["", f"{variant} layer sparsities (M = {m}, lambda = {lam}): {min(s):.3f} to {max(s):.3f}, "
+                          f"mean {sum(s) / len(s):.4f}; per layer: " + ", ".join(f"{v:.3f}" for v in s) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -163,9 +162,7 @@ def main() -> None:
     args.modes, args.only = [m for m in args.modes.split(",") if m != "none"], args.only.split(",")
     args.rows = [name for name in args.rows.split(",") if name]
     settings = [(m, lam) for m in args.owl_threshold.split(",") for lam in args.owl_lambda.split(",")]
-    name = (lambda m, lam: f"OWL {m}/{lam}") if len(settings) > 1 else (lambda m, lam: "OWL")
-    args.owl = {name(m, lam): ["--owl-threshold", m, "--owl-lambda", lam] for m, lam in settings}
-    args.owl_text = {name(m, lam): f"M = {m}, lambda = {lam}" for m, lam in settings}
+    args.owl = {(f"OWL {m}/{lam}" if len(settings) > 1 else "OWL"): (m, lam) for m, lam in settings}
     command = ("python bench/reconstruction.py " + " ".join(sys.argv[1:])).strip()
     run(args, lambda rows: write_section(args.section, render(rows, args, command)))
 

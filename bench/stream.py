@@ -383,11 +383,16 @@ def peak_phase(worker: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def shape_config(name: str) -> dict:
+    """A shape as the config.json the pruner reads (whose family it names)."""
+    return dict(SHAPES[name], model_type="llama")
+
+
 def big_part(args: argparse.Namespace, command: str) -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     model, scratch = work / f"random-{args.shape}", work / "scratch"
-    config = dict(SHAPES[args.shape], tie_word_embeddings=False, model_type="llama")
+    config = dict(shape_config(args.shape), tie_word_embeddings=False)
     shape = Shape.from_config(config)
     _check_disk(work, model, shape)
     built = build_random_checkpoint(model, args.shape)
@@ -483,8 +488,7 @@ def render_big(rows: list[dict], args, command: str, checkpoint: int, built: dic
         )
     # two of 13B's layers are held to the whole 13B checkpoint's quarter: a layer's memory does not depend on
     # how many there are
-    whole = 2 * Shape.from_config(dict(SHAPES["13b"], model_type="llama")).total_params
-    whole = whole if args.shape == "13b-2-layers" else checkpoint
+    whole = 2 * Shape.from_config(shape_config("13b")).total_params if args.shape == "13b-2-layers" else checkpoint
     return "\n".join(lines + [""] + _big_verdicts(rows, whole)) + "\n"
 
 

@@ -273,8 +273,8 @@ class CheckpointWriter:
 
     The partial directory has a name stable across runs and a manifest (MANIFEST) recording the run's settings
     and, per finished layer, its file's size and digest (`file_digest`), so an interrupted run can be resumed: `resume=True`
-    reuses every layer that still verifies. Layers are written and hashed in a thread of their own (unless the
-    run does not overlap), one at a time, while the caller computes the next (`write_layer` returns at once; `wait` waits for the last). Bad input (a DistPruneError: say NaN weights found in layer 30)
+    reuses every layer that still verifies. Layers are written and hashed in a thread of their own (when the
+    run overlaps; else inline), one at a time, while the caller computes the next (`write_layer` returns at once; `wait` waits for the last). Bad input (a DistPruneError: say NaN weights found in layer 30)
     removes the partial directory, as does any failure before a layer is finished; any other failure, a
     signal, or an output that appeared meanwhile keeps it, and the error says how to resume.
     """
